@@ -1,0 +1,140 @@
+"""`revwire.rewire`: trace -> shapes -> match -> rewrite, and `revwire.report`."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import InputError, NoChainError, RewireError
+from .match import Residual, match
+from .report import ChainInfo, Report, SkippedInfo
+from .rewrite import _Unsupported, emit_chain
+from .shapes import SHAPE, propagate
+from .trace import trace
+
+
+def _example_inputs(model: nn.Module, example_inputs) -> tuple:
+    if example_inputs is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if not size:
+            raise InputError(
+                f"example_inputs are needed to rewire {type(model).__name__}: pass "
+                f"revwire.rewire(model, torch.randn(1, C, H, W)) (or a tuple of the forward's tensors)"
+            )
+        p = next(iter(model.parameters()), None)
+        return (torch.randn(1, *size, device=p.device if p is not None else "cpu",
+                            dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32),)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _block_label(r: Residual) -> str:
+    stack = r.add.meta.get("nn_module_stack") or {}
+    scope = list(stack.values())[-1][0] if stack else ""
+    first = next((n.target for n in r.add.graph.nodes if n in r.branch and n.op == "call_module"), None)
+    if first is None:
+        return scope or r.add.name
+    leaf = first[len(scope) + 1:] if scope and first.startswith(scope + ".") else first
+    return f"{scope} [{leaf}]" if scope else leaf
+
+
+def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Plain attributes users read on a model (timm's pretrained_cfg, num_classes, ...)."""
+    for name, value in vars(model).items():
+        if name.startswith("_") or hasattr(gm, name) or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        if isinstance(value, (int, float, str, bool, tuple, list, dict, type(None))):
+            setattr(gm, name, value)
+
+
+def rewire(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    min_blocks: int = 2,
+    post_activation: str = "branch",
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    strict: bool = True,
+    stream_dtype: Optional[torch.dtype] = None,
+    engine: str = "reversible",
+    check_finite: bool = True,
+) -> nn.Module:
+    """Return a reversible twin of `model` that shares its parameters.
+
+    Every chain of at least `min_blocks` same-shape residual blocks runs as one
+    `ReversibleStage`. The result is a `torch.fx.GraphModule` with the same call
+    signature; its parameters are `model`'s own objects and its `state_dict()` keys
+    equal `model`'s. See `revwire.report(result)` for what was converted.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"rewire expects an nn.Module, got {type(model).__name__}")
+    if min_blocks < 1:
+        raise ValueError(f"min_blocks must be >= 1, got {min_blocks}")
+    inputs = _example_inputs(model, example_inputs)
+    gm = trace(model, len(inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    propagate(gm, inputs)
+    found = match(gm, min_blocks=min_blocks, post_activation=post_activation)
+    report = Report(type(model).__name__)
+    report.skipped = [SkippedInfo(s.where, s.reason) for s in found.skipped]
+    for chain in found.chains:
+        name = f"revwire_stage{len(report.chains)}"
+        try:
+            emit_chain(gm, chain, name, _block_label, engine=engine, stream_dtype=stream_dtype,
+                       check_finite=check_finite)
+        except _Unsupported as e:
+            report.skipped.append(SkippedInfo(chain.output.name, f"chain not emitted: {e}"))
+            continue
+        report.chains.append(ChainInfo(
+            name=name,
+            blocks=[_block_label(r) for r in chain.residuals],
+            shape=list(chain.input.meta[SHAPE]),
+            num_blocks=len(chain.residuals),
+            post_activations=sum(r.act is not None for r in chain.residuals),
+            transitions=sum(1 for t in chain.transitions if t),
+        ))
+    if not report.chains:
+        reasons = "; ".join(sorted({s.reason for s in report.skipped})[:4]) or "no residual add found"
+        message = (f"no chain of >= {min_blocks} same-shape residual blocks found in "
+                   f"{type(model).__name__} ({reasons})")
+        if strict:
+            raise NoChainError(message + ". Pass strict=False to get the model back unchanged.")
+        warnings.warn(message + "; returning the model unchanged", stacklevel=2)
+        return model
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    _copy_plain_attributes(model, gm)
+    _check_same_parameters(model, gm)
+    gm.revwire_report = report
+    gm.revwire_options = {
+        "min_blocks": min_blocks, "post_activation": post_activation, "strict": strict,
+        "stream_dtype": None if stream_dtype is None else str(stream_dtype).replace("torch.", ""),
+        "check_finite": check_finite,
+    }
+    return gm
+
+
+def _check_same_parameters(model: nn.Module, gm: nn.Module) -> None:
+    if set(model.state_dict().keys()) != set(gm.state_dict().keys()):
+        missing = sorted(set(model.state_dict()) - set(gm.state_dict()))[:5]
+        extra = sorted(set(gm.state_dict()) - set(model.state_dict()))[:5]
+        raise RewireError(f"revwire internal error: state_dict keys differ (missing {missing}, extra {extra})")
+
+
+def report(rewired: nn.Module) -> Report:
+    """The chains `rewire` converted in `rewired`, and what it skipped and why."""
+    rep = getattr(rewired, "revwire_report", None)
+    if rep is None:
+        raise RewireError(f"{type(rewired).__name__} was not produced by revwire.rewire")
+    return rep

@@ -1,0 +1,389 @@
+"""Step 3: find residual adds in a shape-annotated graph and group them into chains.
+
+A residual add is `add(x, F(x))` whose branch F depends only on x, parameters and
+constants, and whose result has x's shape. A chain is a maximal run of residual
+adds where each one's result (after an optional post-activation and pure layout
+ops) is the next one's skip input and is read by nothing else.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+import torch
+from torch import fx, nn
+
+from .shapes import DTYPE, SHAPE, VALUE
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_METADATA_METHODS = {"size", "dim", "numel"}
+_METADATA_ATTRS = {"shape", "ndim"}
+_LAYOUT_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten",
+                   "roll", "squeeze", "unsqueeze", "movedim", "swapaxes", "swapdims"}
+_LAYOUT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.roll,
+                     torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.unflatten}
+_ACTIVATION_FUNCTIONS = {
+    torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.gelu,
+    torch.nn.functional.silu, torch.nn.functional.hardswish, torch.nn.functional.leaky_relu,
+    torch.nn.functional.elu, torch.nn.functional.mish, torch.sigmoid, torch.tanh,
+    torch.nn.functional.relu_, torch.relu_,
+}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+_NOT_ELEMENTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU)
+
+
+@dataclass
+class Residual:
+    """One residual add `out = act?(skip + F(skip))`."""
+
+    add: fx.Node
+    skip: fx.Node
+    branch_out: fx.Node
+    branch: Set[fx.Node]  # nodes computed from skip, up to branch_out
+    act: Optional[fx.Node] = None  # a post-activation moved into the branch
+
+    @property
+    def out(self) -> fx.Node:
+        return self.act if self.act is not None else self.add
+
+
+@dataclass
+class Chain:
+    residuals: List[Residual]
+    transitions: List[List[fx.Node]]  # layout ops after residual i (len N-1)
+
+    @property
+    def input(self) -> fx.Node:
+        return self.residuals[0].skip
+
+    @property
+    def output(self) -> fx.Node:
+        return self.residuals[-1].out
+
+    def owned(self) -> Set[fx.Node]:
+        """Nodes that exist only inside the chain and disappear when it is rewired."""
+        nodes: Set[fx.Node] = set()
+        for r in self.residuals:
+            nodes |= r.branch | {r.add, r.out}
+        for t in self.transitions:
+            nodes |= set(t)
+        return nodes
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+
+
+@dataclass
+class MatchResult:
+    chains: List[Chain] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+
+
+# -- node classification ---------------------------------------------------------------
+
+def is_metadata(node: fx.Node) -> bool:
+    """A node whose value is a shape-derived non-tensor (x.shape, x.size(0), B * H, ...)."""
+    return node.meta.get("revwire_is_metadata", False)
+
+
+def _classify_metadata(graph: fx.Graph) -> None:
+    for n in graph.nodes:
+        meta = False
+        if VALUE in n.meta and n.op in ("call_function", "call_method"):
+            if metadata_source(n) is not None:
+                meta = True
+            else:
+                inputs = n.all_input_nodes
+                meta = all(is_metadata(i) for i in inputs)
+        n.meta["revwire_is_metadata"] = meta
+
+
+def metadata_source(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor node whose shape `node` reads directly, if it is `t.shape` / `t.size()` / ..."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) >= 2:
+        if node.args[1] in _METADATA_ATTRS and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+    if node.op == "call_method" and node.target in _METADATA_METHODS and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def data_inputs(node: fx.Node) -> List[fx.Node]:
+    return [i for i in node.all_input_nodes if not is_metadata(i)]
+
+
+def data_users(node: fx.Node) -> List[fx.Node]:
+    return [u for u in node.users if not is_metadata(u)]
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node, fx.Node) and SHAPE in node.meta
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    return None
+
+
+def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An elementwise activation of one tensor (so it can move into a branch)."""
+    if len(data_inputs(node)) != 1:
+        return False
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if isinstance(m, _NOT_ELEMENTWISE):
+            return False
+        mod = type(m).__module__
+        return mod == "torch.nn.modules.activation" or mod.startswith("timm.layers.activations")
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACTIVATION_METHODS
+    return False
+
+
+def is_layout(node: fx.Node) -> bool:
+    """A pure layout op (moves elements, computes nothing) of one tensor."""
+    ok = (node.op == "call_method" and node.target in _LAYOUT_METHODS) or (
+        node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS)
+    if not ok or len(data_inputs(node)) != 1 or not _is_tensor(node):
+        return False
+    src = data_inputs(node)[0]
+    return node.args[0] is src and _numel(node) == _numel(src)
+
+
+def _numel(node: fx.Node) -> int:
+    n = 1
+    for d in node.meta[SHAPE]:
+        n *= d
+    return n
+
+
+def _mutates_input(gm: fx.GraphModule, node: fx.Node, target: fx.Node) -> bool:
+    if not node.args or node.args[0] is not target:
+        return False
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    m = _module(gm, node)
+    return m is not None and getattr(m, "inplace", False) is True
+
+
+def _add_operands(node: fx.Node):
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+            return None
+        return node.args
+    if node.op == "call_method" and node.target == "add" and len(node.args) == 2:
+        if node.kwargs.get("alpha", 1) != 1:
+            return None
+        return node.args
+    return None
+
+
+# -- residual adds ----------------------------------------------------------------------
+
+class _NotResidual(Exception):
+    pass
+
+
+def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node) -> Set[fx.Node]:
+    """Nodes of F in `add(skip, F(skip))`; raises _NotResidual with the reason."""
+    ancestors: Set[fx.Node] = set()
+    stack = [out]
+    reaches_skip = False
+    while stack:
+        n = stack.pop()
+        if n is skip:
+            reaches_skip = True
+            continue
+        if n in ancestors:
+            continue
+        if n.op == "placeholder":
+            raise _NotResidual(f"its branch also reads the input '{n.name}'")
+        ancestors.add(n)
+        for i in n.all_input_nodes:
+            if is_metadata(i):
+                for s in _metadata_sources(i):
+                    stack.append(s)
+            else:
+                stack.append(i)
+    if not reaches_skip:
+        raise _NotResidual("its branch does not read the skip input")
+    # Nodes that depend on skip form the branch; the rest are parameters and constants.
+    branch: Set[fx.Node] = set()
+    for n in _in_graph_order(ancestors):
+        if any(i is skip or i in branch for i in n.all_input_nodes if not is_metadata(i)) or any(
+                s is skip or s in branch for i in n.all_input_nodes if is_metadata(i)
+                for s in _metadata_sources(i)):
+            branch.add(n)
+    for n in ancestors - branch:
+        if n.op not in ("get_attr", "call_function", "call_method", "call_module"):
+            raise _NotResidual(f"its branch reads '{n.name}', computed outside it")
+        if n.op == "call_module" or data_inputs(n) and not all(i in ancestors for i in data_inputs(n)):
+            raise _NotResidual(f"its branch reads '{n.name}', computed outside it")
+    for n in branch:
+        if _mutates_input(gm, n, skip):
+            raise _NotResidual(f"'{n.name}' in its branch modifies the skip input in place")
+        for u in n.users:
+            if u not in branch and u is not add and not (is_metadata(u) and _meta_users_within(u, branch | {add})):
+                raise _NotResidual(f"'{n.name}' inside its branch is also read by '{u.name}' (a tapped value)")
+    return branch
+
+
+def _metadata_sources(node: fx.Node) -> List[fx.Node]:
+    """The tensor nodes whose shapes a metadata node is computed from."""
+    src = metadata_source(node)
+    if src is not None:
+        return [src]
+    out = []
+    for i in node.all_input_nodes:
+        out.extend(_metadata_sources(i))
+    return out
+
+
+def _meta_users_within(node: fx.Node, allowed: Set[fx.Node]) -> bool:
+    return all((u in allowed) or (is_metadata(u) and _meta_users_within(u, allowed)) for u in node.users)
+
+
+def _in_graph_order(nodes) -> List[fx.Node]:
+    nodes = set(nodes)
+    if not nodes:
+        return []
+    graph = next(iter(nodes)).graph
+    return [n for n in graph.nodes if n in nodes]
+
+
+def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult) -> List[Residual]:
+    residuals = []
+    for node in gm.graph.nodes:
+        operands = _add_operands(node)
+        if node.op == "call_method" and node.target == "add_":
+            result.skipped.append(Skipped(node.name, "in-place add_ (left as it is)"))
+            continue
+        if operands is None or not all(_is_tensor(a) for a in operands) or not _is_tensor(node):
+            continue
+        reasons = []
+        for skip, out in (operands, operands[::-1]):
+            try:
+                residuals.append(_residual(gm, node, skip, out, post_activation))
+                break
+            except _NotResidual as e:
+                reasons.append(str(e))
+        else:
+            reason = _best_reason(operands, reasons)
+            if reason is not None:
+                result.skipped.append(Skipped(node.name, reason))
+    return residuals
+
+
+def _best_reason(operands, reasons) -> Optional[str]:
+    """Why an add that looks like a residual is not one (None: not residual-like at all)."""
+    informative = [r for r in reasons if "does not read the skip" not in r]
+    if informative:
+        return "not a residual: " + informative[0]
+    a, b = operands
+    if _share_ancestor(a, b):
+        if a.meta[SHAPE] != b.meta[SHAPE]:
+            return "shape change across the block"
+        return "projection shortcut: the skip is computed (e.g. downsampled), not the identity"
+    return None
+
+
+def _share_ancestor(a: fx.Node, b: fx.Node, depth: int = 40) -> bool:
+    def ancestors(n):
+        seen, frontier = set(), [n]
+        for _ in range(depth):
+            frontier = [i for f in frontier for i in f.all_input_nodes
+                        if i not in seen and i.op not in ("get_attr",)]
+            seen.update(frontier)
+            if not frontier:
+                break
+        return seen | {n}
+    return bool(ancestors(a) & ancestors(b))
+
+
+def _residual(gm, add, skip, out, post_activation) -> Residual:
+    if skip.meta[SHAPE] != add.meta[SHAPE] or out.meta[SHAPE] != add.meta[SHAPE]:
+        raise _NotResidual("shape change across the block")
+    if skip.meta[DTYPE] != add.meta[DTYPE]:
+        raise _NotResidual("the add changes the dtype")
+    branch = _branch_of(gm, skip, out, add)
+    users = data_users(add)
+    act = None
+    if len(users) == 1 and is_activation(gm, users[0]) and not any(is_metadata(u) for u in add.users):
+        if post_activation != "branch":
+            raise _NotResidual("post-activation act(x + F(x)) and post_activation='skip'")
+        act = users[0]
+    return Residual(add=add, skip=skip, branch_out=out, branch=branch, act=act)
+
+
+# -- chains -------------------------------------------------------------------------------
+
+def _next_link(r: Residual, by_skip: Dict[fx.Node, Residual]):
+    """The residual that continues the chain after `r`, and the layout ops between them."""
+    node, layout = r.out, []
+    while True:
+        nxt = by_skip.get(node)
+        if nxt is not None and set(data_users(node)) <= nxt.branch | {nxt.add}:
+            return nxt, layout
+        users = data_users(node)
+        if len(users) == 1 and is_layout(users[0]):
+            node = users[0]
+            layout.append(node)
+            continue
+        return None, []
+
+
+def group_chains(residuals: List[Residual], min_blocks: int, result: MatchResult) -> None:
+    by_skip = {r.skip: r for r in residuals}
+    links = {}
+    for r in residuals:
+        nxt, layout = _next_link(r, by_skip)
+        if nxt is not None:
+            links[r.add] = (nxt, layout)
+    has_prev = {nxt.add for nxt, _ in links.values()}
+    chains = []
+    for r in residuals:
+        if r.add in has_prev:
+            continue
+        chain = Chain([r], [])
+        while chain.residuals[-1].add in links:
+            nxt, layout = links[chain.residuals[-1].add]
+            if any(x is nxt for x in chain.residuals):
+                break
+            chain.residuals.append(nxt)
+            chain.transitions.append(layout)
+        chains.append(chain)
+    # Nested residuals (a chain inside a branch of another): keep the outer chain.
+    chains.sort(key=lambda c: len(c.owned()), reverse=True)
+    taken: Set[fx.Node] = set()
+    for chain in chains:
+        owned = chain.owned()
+        if owned & taken:
+            result.skipped.append(Skipped(chain.output.name, "nested inside another chain's branch"))
+            continue
+        if len(chain.residuals) < min_blocks:
+            result.skipped.append(Skipped(
+                chain.output.name, f"chain too short ({len(chain.residuals)} < min_blocks={min_blocks})"))
+            continue
+        taken |= owned
+        result.chains.append(chain)
+    order = {n: i for i, n in enumerate(residuals[0].add.graph.nodes)} if residuals else {}
+    result.chains.sort(key=lambda c: order[c.residuals[0].add])
+
+
+def match(gm: fx.GraphModule, *, min_blocks: int = 2, post_activation: str = "branch") -> MatchResult:
+    if post_activation not in ("branch", "skip"):
+        raise ValueError(f"post_activation must be 'branch' or 'skip', got {post_activation!r}")
+    _classify_metadata(gm.graph)
+    result = MatchResult()
+    residuals = find_residuals(gm, post_activation, result)
+    group_chains(residuals, min_blocks, result)
+    return result

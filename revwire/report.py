@@ -1,0 +1,58 @@
+"""What `rewire` did: chains converted, and what it left alone and why."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+
+@dataclass
+class ChainInfo:
+    name: str  # the stage's attribute name in the rewired model
+    blocks: List[str]  # where each residual branch lives: "module.path [first module]"
+    shape: List[int]  # stream shape at the stage input (example inputs)
+    num_blocks: int
+    post_activations: int  # `act(x + F(x))` rewired with act moved into the branch
+    transitions: int  # layout ops carried across the chain on both streams
+
+
+@dataclass
+class SkippedInfo:
+    where: str
+    reason: str
+
+
+@dataclass
+class Report:
+    model: str
+    chains: List[ChainInfo] = field(default_factory=list)
+    skipped: List[SkippedInfo] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(c.num_blocks for c in self.chains)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"revwire report for {self.model}: {len(self.chains)} reversible stage(s), "
+                 f"{self.num_blocks} residual blocks"]
+        if self.chains:
+            rows = [("stage", "blocks", "stream shape", "post-act", "layout", "first .. last block")]
+            for c in self.chains:
+                span = c.blocks[0] if len(c.blocks) == 1 else f"{c.blocks[0]} .. {c.blocks[-1]}"
+                rows.append((c.name, str(c.num_blocks), "x".join(map(str, c.shape)),
+                             str(c.post_activations), str(c.transitions), span))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for k, r in enumerate(rows):
+                lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+                if k == 0:
+                    lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.skipped:
+            lines.append(f"not converted ({len(self.skipped)}):")
+            for s in self.skipped:
+                lines.append(f"  {s.where}: {s.reason}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -1,0 +1,172 @@
+"""Step 4: replace each chain by one ReversibleStage call whose blocks are its branches.
+
+Each branch F_i (and each layout transition) is copied into a small graph of its
+own; the copies call the *same* module objects and read the same parameters, so
+the rewired model shares every parameter with the original and keeps its names.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set
+
+from torch import fx
+
+from .engine import ReversibleStage
+from .match import Chain, is_metadata, metadata_source
+from .shapes import SHAPE
+
+
+class _Unsupported(Exception):
+    """The chain cannot be emitted; the message says why (it is reported, not raised)."""
+
+
+def _segments(chain: Chain) -> Dict[fx.Node, int]:
+    """Segment index of every stream value of the chain (a segment ends at a transition)."""
+    seg, where = 0, {chain.input: 0}
+    for i, r in enumerate(chain.residuals):
+        if i > 0:
+            where[r.skip] = seg
+        where[r.add] = where[r.out] = seg
+        if i < len(chain.transitions) and chain.transitions[i]:
+            seg += 1
+            where[chain.transitions[i][-1]] = seg
+    return where
+
+
+def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in: fx.Node,
+                   output: fx.Node, n_segments: int, *, act: Optional[fx.Node] = None,
+                   add: Optional[fx.Node] = None) -> fx.GraphModule:
+    """Copy what `output` (then `act`, in place of `add`) needs into a graph `(x, seg0..segK) -> out`.
+
+    `x` stands for `stream_in`. A shape read of another stream value of the chain
+    (which exists only inside the stage) reads the segment placeholder instead.
+    """
+    needed: Set[fx.Node] = set()
+    shape_reads: Set[fx.Node] = set()
+    stack = [output]
+    while stack:
+        node = stack.pop()
+        if node in needed or node is stream_in:
+            continue
+        needed.add(node)
+        for dep in node.all_input_nodes:
+            if dep is stream_in:
+                continue
+            if dep in segments and metadata_source(node) is dep:
+                shape_reads.add(node)
+                continue
+            if dep.op == "placeholder" or dep in segments:
+                raise _Unsupported(f"'{node.name}' in a block reads '{dep.name}', which lives outside it")
+            stack.append(dep)
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    segs = [graph.placeholder(f"seg{k}") for k in range(n_segments)]
+    env: Dict[fx.Node, fx.Node] = {stream_in: x}
+    for node in output.graph.nodes:
+        if node not in needed:
+            continue
+        if node in shape_reads:
+            src = metadata_source(node)
+            env[node] = graph.node_copy(node, lambda a: segs[segments[a]] if a is src else env[a])
+        else:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    out = env[output]
+    if act is not None:  # post-activation moved into the branch: act(F(x))
+        env[add] = out
+        out = graph.node_copy(act, lambda a: env[a])
+    graph.output(out)
+    return fx.GraphModule(root, graph, "RevwireBlock")
+
+
+def _uses_segments(gm: fx.GraphModule) -> bool:
+    return any(n.op == "placeholder" and n.name.startswith("seg") and n.users for n in gm.graph.nodes)
+
+
+def _drop_segment_inputs(gm: fx.GraphModule) -> None:
+    for n in list(gm.graph.nodes):
+        if n.op == "placeholder" and n.name.startswith("seg"):
+            gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _outer_metadata_fixups(chain: Chain, owned: Set[fx.Node]) -> List[tuple]:
+    """Shape reads of chain-internal values by nodes that stay outside the stage.
+
+    Each is re-pointed at the stage input when the shapes agree; otherwise the chain
+    cannot be emitted.
+    """
+    fixes = []
+    for node in owned - {chain.output}:  # shape reads of the output read the stage's output
+        for user in list(node.users):
+            if user in owned or not is_metadata(user) or metadata_source(user) is not node:
+                continue
+            if _all_users_within(user, owned):
+                continue  # erased with the chain
+            if node.meta[SHAPE] == chain.input.meta[SHAPE]:
+                fixes.append((user, node))
+            else:
+                raise _Unsupported(f"the shape of '{node.name}' (inside the chain) is read by '{user.name}' outside it")
+    return fixes
+
+
+def _all_users_within(node: fx.Node, owned: Set[fx.Node]) -> bool:
+    return all(u in owned or (is_metadata(u) and _all_users_within(u, owned)) for u in node.users)
+
+
+def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_options) -> ReversibleStage:
+    """Rewrite `gm.graph` in place so that `chain` runs as one ReversibleStage `name`."""
+    owned = chain.owned()
+    segments = _segments(chain)
+    n_segments = 1 + sum(1 for t in chain.transitions if t)
+    fixes = _outer_metadata_fixups(chain, owned)
+    blocks, transitions, names = [], [], []
+    for i, r in enumerate(chain.residuals):
+        k = segments[r.add] + 1
+        blocks.append(build_subgraph(gm, segments, r.skip, r.branch_out, k, act=r.act, add=r.add))
+        names.append(path_of(r))
+        if i < len(chain.transitions):
+            t = chain.transitions[i]
+            transitions.append(build_subgraph(gm, segments, r.out, t[-1], k) if t else None)
+    subgraphs = blocks + [t for t in transitions if t is not None]
+    shape_context = any(_uses_segments(g) for g in subgraphs)
+    if not shape_context:
+        for g in subgraphs:
+            _drop_segment_inputs(g)
+    stage = ReversibleStage(blocks, transitions, register_blocks=False, names=names, name=name,
+                            shape_context=shape_context, **stage_options)
+
+    # Mutate the outer graph only now that nothing above can fail.
+    gm.add_submodule(name, stage)
+    graph = gm.graph
+    for user, node in fixes:
+        user.replace_input_with(node, chain.input)
+    with graph.inserting_after(chain.output):
+        call = graph.call_module(name, (chain.input,))
+    call.meta[SHAPE] = chain.output.meta[SHAPE]
+    chain.output.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call and u not in owned)
+    _erase(graph, owned)
+    return stage
+
+
+def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
+    """Erase the chain's nodes, then the shape reads and constants only they used."""
+    for node in reversed([n for n in graph.nodes if n in owned]):
+        for user in list(node.users):
+            if user not in owned:
+                _erase_pure_tree(graph, user)
+        graph.erase_node(node)
+    changed = True
+    while changed:  # parameters and constants that only the chain read
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if not node.users and (node.op == "get_attr" or is_metadata(node)):
+                graph.erase_node(node)
+                changed = True
+
+
+def _erase_pure_tree(graph: fx.Graph, node: fx.Node) -> None:
+    for user in list(node.users):
+        _erase_pure_tree(graph, user)
+    if not is_metadata(node):
+        raise AssertionError(f"revwire internal error: '{node.name}' still reads a rewired value")
+    graph.erase_node(node)
