@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .errors import InputError, NoChainError, RewireError
-from .match import Residual, match
+from .match import Residual, match, where
 from .report import ChainInfo, Report, SkippedInfo
 from .rewrite import _Unsupported, emit_chain
 from .shapes import SHAPE, propagate
@@ -90,14 +90,14 @@ def rewire(
     for chain in found.chains:
         name = f"revwire_stage{len(report.chains)}"
         try:
-            emit_chain(gm, chain, name, _block_label, engine=engine, stream_dtype=stream_dtype,
+            stage = emit_chain(gm, chain, name, _block_label, engine=engine, stream_dtype=stream_dtype,
                        check_finite=check_finite)
         except _Unsupported as e:
-            report.skipped.append(SkippedInfo(chain.output.name, f"chain not emitted: {e}"))
+            report.skipped.append(SkippedInfo(where(chain.output), f"chain not emitted: {e}"))
             continue
         report.chains.append(ChainInfo(
             name=name,
-            blocks=[_block_label(r) for r in chain.residuals],
+            blocks=list(stage.names),
             shape=list(chain.input.meta[SHAPE]),
             num_blocks=len(chain.residuals),
             post_activations=sum(r.act is not None for r in chain.residuals),

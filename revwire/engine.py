@@ -14,12 +14,13 @@ ground truth that the reversible engine is tested against.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import contextlib
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.func import functional_call
 
 from .errors import BlockShapeError, ReconstructionError, RewireError, StageFreedError
 from .replay import AutocastState, RngState, frozen_running_stats, stat_tracking_norms
@@ -78,7 +79,8 @@ class ReversibleStage(nn.Module):
                 f"got {len(transitions)}"
             )
         if register_blocks:
-            self.blocks = nn.ModuleList(blocks)
+            # Plain callables (functions, lambdas) have no parameters: wrap them to register.
+            self.blocks = nn.ModuleList(b if isinstance(b, nn.Module) else _Callable(b) for b in blocks)
         else:
             # A plain list: not registered, so the parameters keep their original names.
             self.__dict__["blocks"] = list(blocks)
@@ -162,6 +164,20 @@ class ReversibleStage(nn.Module):
         return ((a + b) / 2).to(x.dtype)
 
 
+class _Callable(nn.Module):
+    """A plain function as a registered block (it holds no parameters of its own)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     """A storage-free stand-in that carries only `t`'s shape."""
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -241,16 +257,13 @@ class _ReversibleFunction(torch.autograd.Function):
             # hooks of the tensors it differentiates with respect to, so a `p.register_hook`
             # would otherwise fire twice (here, and when the returned gradient reaches p).
             originals = _grad_params(block)
-            aliases = {name: p.detach().requires_grad_(True) for name, p in originals.items()}
+            aliases = [p.detach().requires_grad_(True) for p in originals]
             with torch.enable_grad(), ctx.rng[i].replay(), ctx.autocast.replay(), \
-                    frozen_running_stats(stat_tracking_norms(_modules_of(block))):
+                    frozen_running_stats(stat_tracking_norms(_modules_of(block))), \
+                    _bound_params(block, dict(zip(map(id, originals), aliases))):
                 inp = a.detach().to(ctx.in_dtype).requires_grad_(True)
-                args = (inp, *stage._context(ctx.metas, i))
-                if aliases:
-                    y = functional_call(block, aliases, args, strict=False, tie_weights=True)
-                else:
-                    y = block(*args)
-            leaves = [inp] + list(aliases.values())
+                y = block(inp, *stage._context(ctx.metas, i))
+            leaves = [inp] + aliases
             if i not in stage._leaves_checked:
                 _check_leaves(stage, i, y, leaves)
                 stage._leaves_checked.add(i)
@@ -267,7 +280,7 @@ class _ReversibleFunction(torch.autograd.Function):
                     ref = ctx.streams[i]
                     err = (older - ref).norm() / ref.norm().clamp_min(1e-30)
                     stage.last_reconstruction_error[i] = float(err)
-            for p, gp in zip(originals.values(), grads[1:]):
+            for p, gp in zip(originals, grads[1:]):
                 if gp is not None:
                     k = index[id(p)]
                     param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
@@ -285,11 +298,35 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, grad_x, *param_grads)
 
 
-def _grad_params(block) -> Dict[str, nn.Parameter]:
-    """The block's parameters that require grad, by name, each once."""
+def _grad_params(block) -> List[nn.Parameter]:
+    """The block's parameters that require grad, each once."""
     if not isinstance(block, nn.Module):
-        return {}
-    return {name: p for name, p in block.named_parameters() if p.requires_grad}
+        return []
+    return [p for p in block.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _bound_params(block, alias_of: Dict[int, torch.Tensor]) -> Iterator[None]:
+    """Let every submodule of `block` see `alias_of[id(p)]` in place of its parameter p.
+
+    Tied parameters (one Parameter under several names, or one module registered twice)
+    all see the same alias. `torch.func.functional_call(..., tie_weights=True)` is not
+    used: on a module registered under two names it leaves the aliases in the module
+    for good (torch 2.14), replacing the model's parameters.
+    """
+    swapped = []
+    if alias_of:
+        for m in block.modules():
+            for name, p in m._parameters.items():
+                if p is not None and id(p) in alias_of:
+                    swapped.append((m, name, p))
+    try:
+        for m, name, p in swapped:
+            m._parameters[name] = alias_of[id(p)]
+        yield
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 def _check_leaves(stage: ReversibleStage, i: int, y: torch.Tensor, leaves: list) -> None:

@@ -252,6 +252,13 @@ def _meta_users_within(node: fx.Node, allowed: Set[fx.Node]) -> bool:
     return all((u in allowed) or (is_metadata(u) and _meta_users_within(u, allowed)) for u in node.users)
 
 
+def where(node: fx.Node) -> str:
+    """The module path a node was traced in, and its name: `layer1.0 (add)`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = list(stack.values())[-1][0] if stack else ""
+    return f"{scope} ({node.name})" if scope else node.name
+
+
 def _in_graph_order(nodes) -> List[fx.Node]:
     nodes = set(nodes)
     if not nodes:
@@ -265,7 +272,7 @@ def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult
     for node in gm.graph.nodes:
         operands = _add_operands(node)
         if node.op == "call_method" and node.target == "add_":
-            result.skipped.append(Skipped(node.name, "in-place add_ (left as it is)"))
+            result.skipped.append(Skipped(where(node), "in-place add_ (left as it is)"))
             continue
         if operands is None or not all(_is_tensor(a) for a in operands) or not _is_tensor(node):
             continue
@@ -279,16 +286,17 @@ def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult
         else:
             reason = _best_reason(operands, reasons)
             if reason is not None:
-                result.skipped.append(Skipped(node.name, reason))
+                result.skipped.append(Skipped(where(node), reason))
     return residuals
 
 
 def _best_reason(operands, reasons) -> Optional[str]:
     """Why an add that looks like a residual is not one (None: not residual-like at all)."""
-    informative = [r for r in reasons if "does not read the skip" not in r]
+    a, b = operands
+    unrelated = ("does not read the skip", "also reads the input")
+    informative = [r for r in reasons if not any(u in r for u in unrelated)]
     if informative:
         return "not a residual: " + informative[0]
-    a, b = operands
     if _share_ancestor(a, b):
         if a.meta[SHAPE] != b.meta[SHAPE]:
             return "shape change across the block"
@@ -367,11 +375,11 @@ def group_chains(residuals: List[Residual], min_blocks: int, result: MatchResult
     for chain in chains:
         owned = chain.owned()
         if owned & taken:
-            result.skipped.append(Skipped(chain.output.name, "nested inside another chain's branch"))
+            result.skipped.append(Skipped(where(chain.output), "nested inside another chain's branch"))
             continue
         if len(chain.residuals) < min_blocks:
             result.skipped.append(Skipped(
-                chain.output.name, f"chain too short ({len(chain.residuals)} < min_blocks={min_blocks})"))
+                where(chain.output), f"chain too short ({len(chain.residuals)} < min_blocks={min_blocks})"))
             continue
         taken |= owned
         result.chains.append(chain)

@@ -1,7 +1,8 @@
 """Step 2: run the traced graph once on example inputs and record each node's value type.
 
-Real propagation (one eager forward, in eval mode, no grad, RNG untouched) rather
-than FakeTensors: it works for every module a Tracer leaves opaque. Arguments are
+First with FakeTensors (shapes without arithmetic: a ViT-B costs about a second,
+whatever the input size); where a module needs real values (data-dependent code), with
+one real eager forward instead (eval mode, no grad, RNG untouched). Arguments are
 handed to each node as ordinary lists, because some wrapped helpers (torchvision's
 swin3d) mutate their list arguments and fx's immutable lists would refuse.
 """
@@ -11,6 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import InputError
 
@@ -45,6 +47,20 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+def _propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
+    """Propagate with FakeTensors; False if some node needs real data."""
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+            _Recorder(gm).run(*fake)
+        return True
+    except Exception:  # data-dependent code, an op without a fake kernel, ...
+        for n in gm.graph.nodes:
+            for key in (SHAPE, DTYPE, VALUE):
+                n.meta.pop(key, None)
+        return False
+
+
 def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Record shapes on `gm.graph`'s nodes; the model's state (BN stats, RNG, mode) is untouched."""
     modes = {m: m.training for m in gm.modules()}
@@ -52,7 +68,8 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Non
     try:
         gm.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            _Recorder(gm).run(*example_inputs)
+            if not _propagate_fake(gm, example_inputs):
+                _Recorder(gm).run(*example_inputs)
     except Exception as e:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]
         raise InputError(
