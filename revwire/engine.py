@@ -123,23 +123,25 @@ class ReversibleStage(nn.Module):
                         params.append(p)
         return params
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *aux) -> torch.Tensor:
+        """`aux`: non-tensor values (shapes read before the stage) handed to every block."""
         params = self.block_parameters()
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
         )
         if self.engine == "reversible" and needs_grad:
-            return _ReversibleFunction.apply(self, x, *params)
-        return self._forward_autograd(x)
+            return _ReversibleFunction.apply(self, x, aux, *params)
+        return self._forward_autograd(x, aux)
 
     # -- pieces shared by both engines --------------------------------------------
 
     def _stream(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.stream_dtype is None else x.to(self.stream_dtype)
 
-    def _context(self, metas: list, i: int) -> tuple:
+    def _context(self, metas: list, i: int, aux: tuple) -> tuple:
         """Extra arguments of block i and of the transition after it."""
-        return tuple(metas[: self._segment_of[i] + 1]) if self.shape_context else ()
+        segments = tuple(metas[: self._segment_of[i] + 1]) if self.shape_context else ()
+        return segments + tuple(aux)
 
     def _run_block(self, i: int, stream: torch.Tensor, in_dtype: torch.dtype, context: tuple) -> torch.Tensor:
         y = self.blocks[i](stream.to(in_dtype), *context)
@@ -152,11 +154,11 @@ class ReversibleStage(nn.Module):
             )
         return y
 
-    def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_autograd(self, x: torch.Tensor, aux: tuple = ()) -> torch.Tensor:
         a = b = self._stream(x)
         metas = [_meta(b)]
         for i in range(len(self.blocks)):
-            context = self._context(metas, i)
+            context = self._context(metas, i, aux)
             a, b = b, a + self._run_block(i, b, x.dtype, context)
             if i < len(self.transitions) and self.transitions[i] is not None:
                 a, b = self.transitions[i](a, *context), self.transitions[i](b, *context)
@@ -197,7 +199,7 @@ class _ReversibleFunction(torch.autograd.Function):
     """Forward without storing activations; backward by reconstruction."""
 
     @staticmethod
-    def forward(ctx, stage: ReversibleStage, x: torch.Tensor, *params):
+    def forward(ctx, stage: ReversibleStage, x: torch.Tensor, aux: tuple, *params):
         n = len(stage.blocks)
         ctx.stage = stage
         ctx.stage_name = stage.name
@@ -213,13 +215,14 @@ class _ReversibleFunction(torch.autograd.Function):
                 ctx.rng.append(RngState.capture(x.device))
                 if stage.debug:
                     ctx.streams.append(a.clone())  # x_{i-2}, as backward will reconstruct it
-                context = stage._context(metas, i)
+                context = stage._context(metas, i, aux)
                 a, b = b, a + stage._run_block(i, b, x.dtype, context)
                 ctx.shapes.append(b.shape)
                 if i < n - 1 and stage.transitions[i] is not None:
                     a, b = stage.transitions[i](a, *context), stage.transitions[i](b, *context)
                     metas.append(_meta(b))
             ctx.metas = metas
+            ctx.aux = aux
             out = ((a + b) / 2).to(x.dtype)
         ctx.save_for_backward(a, b)
         return out
@@ -249,7 +252,7 @@ class _ReversibleFunction(torch.autograd.Function):
             if i < n - 1 and stage.transitions[i] is not None:
                 with torch.enable_grad():
                     a, b, ga, gb = _transpose_layout(stage.transitions[i], ctx.shapes[i], (a, b, ga, gb),
-                                                     stage._context(ctx.metas, i))
+                                                     stage._context(ctx.metas, i, ctx.aux))
             # state: (a, b) = (x_{i-1}, x_i), grads (ga, gb); block i: x_i = x_{i-2} + F_i(x_{i-1})
             block = stage.blocks[i]
             # The recompute differentiates with respect to detached aliases of the block's
@@ -262,7 +265,7 @@ class _ReversibleFunction(torch.autograd.Function):
                     frozen_running_stats(stat_tracking_norms(_modules_of(block))), \
                     _bound_params(block, dict(zip(map(id, originals), aliases))):
                 inp = a.detach().to(ctx.in_dtype).requires_grad_(True)
-                y = block(inp, *stage._context(ctx.metas, i))
+                y = block(inp, *stage._context(ctx.metas, i, ctx.aux))
             leaves = [inp] + aliases
             if i not in stage._leaves_checked:
                 _check_leaves(stage, i, y, leaves)
@@ -295,7 +298,7 @@ class _ReversibleFunction(torch.autograd.Function):
             )
         # Now (a, b) = (x_{-1}, x_0): both are the input.
         grad_x = (ga + gb).to(ctx.in_dtype) if ctx.needs_input_grad[1] else None
-        return (None, grad_x, *param_grads)
+        return (None, grad_x, None, *param_grads)
 
 
 def _grad_params(block) -> List[nn.Parameter]:

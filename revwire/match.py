@@ -208,12 +208,9 @@ def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node) ->
         if n.op == "placeholder":
             raise _NotResidual(f"its branch also reads the input '{n.name}'")
         ancestors.add(n)
-        for i in n.all_input_nodes:
-            if is_metadata(i):
-                for s in _metadata_sources(i):
-                    stack.append(s)
-            else:
-                stack.append(i)
+        # Shape reads are not followed: a shape computed before the block reaches the
+        # stage as an argument, one of the block's own values is recomputed with it.
+        stack.extend(data_inputs(n))
     if not reaches_skip:
         raise _NotResidual("its branch does not read the skip input")
     # Nodes that depend on skip form the branch; the rest are parameters and constants.

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Set
 from torch import fx
 
 from .engine import ReversibleStage
-from .match import Chain, is_metadata, metadata_source
+from .match import Chain, _metadata_sources, is_metadata, metadata_source
 from .shapes import SHAPE
 
 
@@ -32,16 +32,12 @@ def _segments(chain: Chain) -> Dict[fx.Node, int]:
     return where
 
 
-def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in: fx.Node,
-                   output: fx.Node, n_segments: int, *, act: Optional[fx.Node] = None,
-                   add: Optional[fx.Node] = None) -> fx.GraphModule:
-    """Copy what `output` (then `act`, in place of `add`) needs into a graph `(x, seg0..segK) -> out`.
-
-    `x` stands for `stream_in`. A shape read of another stream value of the chain
-    (which exists only inside the stage) reads the segment placeholder instead.
-    """
+def _collect(stream_in: fx.Node, output: fx.Node, segments: Dict[fx.Node, int], internal: Set[fx.Node]):
+    """The nodes a block (or transition) needs, its shape reads of stream values, and the
+    shapes it reads of values computed before the stage (passed to it as arguments)."""
     needed: Set[fx.Node] = set()
     shape_reads: Set[fx.Node] = set()
+    aux: Set[fx.Node] = set()
     stack = [output]
     while stack:
         node = stack.pop()
@@ -53,15 +49,32 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
                 continue
             if dep in segments and metadata_source(node) is dep:
                 shape_reads.add(node)
-                continue
-            if dep.op == "placeholder" or dep in segments:
+            elif is_metadata(dep) and not (set(_metadata_sources(dep)) & internal):
+                aux.add(dep)
+            elif dep.op == "placeholder" or dep in segments:
                 raise _Unsupported(f"'{node.name}' in a block reads '{dep.name}', which lives outside it")
-            stack.append(dep)
+            else:
+                stack.append(dep)
+    return needed, shape_reads, aux
 
+
+def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in: fx.Node,
+                   output: fx.Node, n_segments: int, aux: List[fx.Node], internal: Set[fx.Node], *,
+                   act: Optional[fx.Node] = None, add: Optional[fx.Node] = None) -> fx.GraphModule:
+    """Copy what `output` (then `act`, in place of `add`) needs into a graph
+    `(x, seg0..segK, aux0..auxM) -> out`.
+
+    `x` stands for `stream_in`. A shape read of another stream value of the chain
+    (which exists only inside the stage) reads the segment placeholder instead; a shape
+    computed before the stage is one of the `aux` arguments.
+    """
+    needed, shape_reads, _ = _collect(stream_in, output, segments, internal)
     graph = fx.Graph()
     x = graph.placeholder("x")
     segs = [graph.placeholder(f"seg{k}") for k in range(n_segments)]
     env: Dict[fx.Node, fx.Node] = {stream_in: x}
+    for j, node in enumerate(aux):
+        env[node] = graph.placeholder(f"aux{j}")
     for node in output.graph.nodes:
         if node not in needed:
             continue
@@ -119,14 +132,23 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
     segments = _segments(chain)
     n_segments = 1 + sum(1 for t in chain.transitions if t)
     fixes = _outer_metadata_fixups(chain, owned)
-    blocks, transitions, names = [], [], []
+    internal = owned | set(segments)
+    parts = []  # (stream in, output, segments it sees, act, add) of every block and transition
     for i, r in enumerate(chain.residuals):
         k = segments[r.add] + 1
-        blocks.append(build_subgraph(gm, segments, r.skip, r.branch_out, k, act=r.act, add=r.add))
-        names.append(path_of(r))
-        if i < len(chain.transitions):
-            t = chain.transitions[i]
-            transitions.append(build_subgraph(gm, segments, r.out, t[-1], k) if t else None)
+        parts.append((r.skip, r.branch_out, k, r.act, r.add))
+        if i < len(chain.transitions) and chain.transitions[i]:
+            parts.append((r.out, chain.transitions[i][-1], k, None, None))
+    aux: Set[fx.Node] = set()
+    for stream_in, output, *_ in parts:
+        aux |= _collect(stream_in, output, segments, internal)[2]
+    aux_nodes = [n for n in gm.graph.nodes if n in aux]
+    built = {(p[0], p[1]): build_subgraph(gm, segments, p[0], p[1], p[2], aux_nodes, internal,
+                                          act=p[3], add=p[4]) for p in parts}
+    blocks = [built[(r.skip, r.branch_out)] for r in chain.residuals]
+    names = [path_of(r) for r in chain.residuals]
+    transitions = [built[(r.out, t[-1])] if t else None
+                   for r, t in zip(chain.residuals, chain.transitions)]
     subgraphs = blocks + [t for t in transitions if t is not None]
     shape_context = any(_uses_segments(g) for g in subgraphs)
     if not shape_context:
@@ -141,7 +163,7 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
     for user, node in fixes:
         user.replace_input_with(node, chain.input)
     with graph.inserting_after(chain.output):
-        call = graph.call_module(name, (chain.input,))
+        call = graph.call_module(name, (chain.input, *aux_nodes))
     call.meta[SHAPE] = chain.output.meta[SHAPE]
     chain.output.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call and u not in owned)
     _erase(graph, owned)

@@ -1,0 +1,564 @@
+"""The `revwire` command: `inspect`, `convert` and `export` (a thin shell over the API).
+
+    revwire inspect timm:resnet50 --input-size 3,160,160
+    revwire convert timm:vit_base_patch16_224 --checkpoint w.safetensors -o rev.pt --verify
+    revwire export rev.pt -o plain.pth
+
+Bad input (unknown model, unreadable or mismatched checkpoint, existing or unwritable
+output, untraceable model, no residual chain) gives one line `revwire: error: ...` on
+stderr and exit status 2; nothing is written and no input is modified.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError, InputError, RewireError, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _mib(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+class _Output:
+    """Where results go: text (unless --quiet) or one JSON document."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.quiet = getattr(args, "quiet", False)
+        self.json = getattr(args, "json", False)
+
+    def say(self, *lines: str) -> None:
+        if not (self.quiet or self.json):
+            for line in lines:
+                print(line)
+
+    def emit(self, data: Dict[str, Any], summary: Optional[str] = None) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, default=str))
+        elif self.quiet and summary:
+            print(summary)
+
+
+def _rewire_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Only the options the user set: the compiler's defaults stay its own."""
+    from .specs import _resolve
+
+    opts: Dict[str, Any] = {}
+    if args.min_blocks is not None:
+        opts["min_blocks"] = args.min_blocks
+    if args.post_activation is not None:
+        opts["post_activation"] = args.post_activation
+    if args.stream_dtype is not None:
+        opts["stream_dtype"] = getattr(torch, args.stream_dtype)
+    for flag, key in (("leaf_module", "leaf_modules"), ("autowrap", "autowrap_functions")):
+        paths = getattr(args, flag) or []
+        for p in paths:
+            if ":" not in p:
+                raise SpecError(f"--{flag.replace('_', '-')} {p!r}: write package.module:Name")
+        if paths:
+            opts[key] = tuple(_resolve(p) for p in paths)
+    return opts
+
+
+def _build(args: argparse.Namespace, *, pretrained: bool = False):
+    """The model (random weights, or pretrained) and its example input."""
+    from .specs import build_model, default_input, fit_input_size, parse_model_kwargs
+
+    kwargs, note = fit_input_size(args.spec, parse_model_kwargs(args.model_kwargs), args.input_size)
+    if note and not (args.quiet or args.json):
+        print(f"note: {note}")
+    if pretrained:
+        model = _build_pretrained(args.spec, kwargs)
+    else:
+        model = build_model(args.spec, kwargs)
+    x = default_input(model, args.spec, input_size=args.input_size, batch=args.batch,
+                      model_kwargs=kwargs, seed=args.seed)
+    return model, kwargs, x
+
+
+def _build_pretrained(spec: str, kwargs: Dict[str, Any]):
+    from .specs import build_model, parse_spec
+
+    kind, _ = parse_spec(spec)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry messages would drown the error line
+    try:
+        return build_model(spec, kwargs, pretrained=True)
+    except SpecError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"could not get the pretrained weights of {spec} ({type(e).__name__}: {_one_line(e)[:200]}); "
+            f"this needs network access (or the weights in the {kind} cache): download them elsewhere "
+            f"and pass --checkpoint PATH"
+        ) from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _rewire(model, x, opts):
+    from . import rewire
+
+    return rewire(model, x, **opts)
+
+
+def _report(rev):
+    from . import report
+
+    rep = report(rev)
+    return rep, rep.to_dict()
+
+
+def _chain_summary(rep_dict: Dict[str, Any]) -> str:
+    chains = rep_dict.get("chains", [])
+    blocks = sum(int(c.get("num_blocks", len(c.get("blocks", [])))) for c in chains)
+    return f"{len(chains)} chain{'s' * (len(chains) != 1)}, {blocks} blocks"
+
+
+def _forward_guard(what: str, x: torch.Tensor):
+    """Turn a model's failure on the example input into an InputError."""
+
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, et, e, tb):
+            if et is not None and issubclass(et, InputError) and "--input-size" not in str(e):
+                raise InputError(f"{_one_line(e)} (set the input with --input-size / --batch / --model-kwargs)") from None
+            if et is not None and issubclass(et, (RuntimeError, ValueError, AssertionError, IndexError)) \
+                    and not issubclass(et, RewireError):
+                shape = "x".join(map(str, x.shape))
+                raise InputError(
+                    f"{what} failed on a {shape} input ({et.__name__}: {_one_line(e)[:200]}); "
+                    f"check --input-size / --batch / --model-kwargs"
+                ) from None
+            return False
+
+    return _Guard()
+
+
+def _snapshot_buffers(model) -> Dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _restore_buffers(model, snapshot: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in snapshot:
+                b.copy_(snapshot[n])
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _cpu_saved_bytes(model, x) -> int:
+    from .meter import model_saved_bytes
+
+    model.train()
+    return model_saved_bytes(model, x)
+
+
+def _cuda_step_peak(model, x) -> Dict[str, int]:
+    """Peak CUDA memory of one full training step (forward, backward, SGD step),
+    after one warm-up step."""
+    from torch.utils._pytree import tree_leaves
+
+    from .meter import cuda_peak_bytes
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = sum(t.float().mean() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+        loss.backward()
+        opt.step()
+
+    step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    _, peak = cuda_peak_bytes(step)
+    opt.zero_grad(set_to_none=True)
+    return {"peak": int(peak), "before_step": int(before)}
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(rev, x: torch.Tensor, *, seed: int = 0, tolerance: float = 1e-3) -> Dict[str, Any]:
+    """Compare the reversible engine with the autograd engine on one training step of
+    `rev` on `x` (same RNG seed for both): outputs, the input's and every parameter's
+    gradient. Buffers (BatchNorm statistics), the engine, the train/eval mode and the
+    global RNG are left as they were. Returns a JSON-able dict with `ok`."""
+    from torch.utils._pytree import tree_leaves
+
+    from .engine import set_engine, stages
+
+    engines_before = [s.engine for s in stages(rev)]
+    was_training = rev.training
+    snapshot = _snapshot_buffers(rev)
+    named = [(n, p) for n, p in rev.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    results = {}
+    try:
+        for engine in ("autograd", "reversible"):
+            set_engine(rev, engine)
+            _restore_buffers(rev, snapshot)
+            rev.train()
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(seed)
+                xi = x.detach().clone().requires_grad_(True)
+                outs = [t for t in tree_leaves(rev(xi)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+                loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
+                grads = torch.autograd.grad(loss, [xi, *params], allow_unused=True)
+            results[engine] = ([o.detach() for o in outs], grads)
+    finally:
+        _restore_buffers(rev, snapshot)
+        for s, e in zip(stages(rev), engines_before):
+            s.engine = e
+        rev.train(was_training)
+
+    def rel(a, b):
+        if a is None and b is None:
+            return 0.0
+        if a is None or b is None:
+            return math.inf
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    (ref_out, ref_g), (rev_out, rev_g) = results["autograd"], results["reversible"]
+    out_err = max((rel(a, b) for a, b in zip(rev_out, ref_out)), default=0.0)
+    input_err = rel(rev_g[0], ref_g[0])
+    param_errs = [(rel(a, b), n) for n, a, b in zip(names, rev_g[1:], ref_g[1:])]
+    worst = max(param_errs, default=(0.0, None))
+    finite = all(math.isfinite(e) for e, _ in param_errs) and math.isfinite(input_err)
+    max_err = max(out_err, input_err, worst[0])
+    return {
+        "ok": bool(finite and max_err <= tolerance),
+        "tolerance": tolerance,
+        "input_shape": list(x.shape),
+        "seed": seed,
+        "output_rel_error": out_err,
+        "input_grad_rel_error": input_err,
+        "param_grad_max_rel_error": worst[0],
+        "worst_param": worst[1],
+        "num_params": len(param_errs),
+    }
+
+
+def _verify_line(v: Dict[str, Any]) -> str:
+    shape = "x".join(map(str, v["input_shape"]))
+    status = "ok" if v["ok"] else "FAILED"
+    return (f"verify: reversible vs autograd on a random {shape} batch: {status} "
+            f"(output {v['output_rel_error']:.1e}, input grad {v['input_grad_rel_error']:.1e}, "
+            f"max param grad {v['param_grad_max_rel_error']:.1e} at {v['worst_param']}; "
+            f"relative errors, tolerance {v['tolerance']:.0e})")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    out = _Output(args)
+    opts = _rewire_options(args)
+    model, kwargs, x = _build(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; measure on the CPU (the default)")
+    shape = "x".join(map(str, x.shape))
+    with _forward_guard(f"rewiring {args.spec}", x):
+        rev = _rewire(model, x, opts)
+    rep, rep_dict = _report(rev)
+    memory: Dict[str, Any] = {"device": args.device}
+    if args.device == "cpu":
+        memory["metric"] = "bytes autograd saves during one training forward (parameters excluded)"
+        with _forward_guard(f"a training forward of {args.spec}", x):
+            memory["original"] = _cpu_saved_bytes(model, x)
+            memory["rewired"] = _cpu_saved_bytes(rev, x)
+    else:
+        memory["metric"] = "peak CUDA memory of one training step (forward, backward, SGD step)"
+        model.cuda()
+        rev.cuda()  # shares the parameters; moves its own constants, if any
+        xc = x.cuda()
+        with _forward_guard(f"a training step of {args.spec}", x):
+            orig = _cuda_step_peak(model, xc)
+            new = _cuda_step_peak(rev, xc)
+        memory.update(original=orig["peak"], rewired=new["peak"],
+                      original_before_step=orig["before_step"], rewired_before_step=new["before_step"])
+    memory["ratio"] = memory["rewired"] / memory["original"] if memory["original"] else None
+    data = {"spec": args.spec, "model_kwargs": kwargs, "input_shape": list(x.shape),
+            "rewire_options": _jsonable_options(rev, opts), "report": rep_dict, "memory": memory}
+    ratio = f"{memory['ratio']:.0%} of original" if memory["ratio"] is not None else "n/a"
+    what = "saved activations" if args.device == "cpu" else "peak CUDA memory"
+    summary = (f"{args.spec}: {_chain_summary(rep_dict)}; {what} {_mib(memory['original'])} -> "
+               f"{_mib(memory['rewired'])} ({ratio})")
+    out.say(f"{args.spec}  input {shape}", str(rep),
+            f"{'activation memory of one training forward (autograd saved tensors, cpu)' if args.device == 'cpu' else 'peak CUDA memory of one training step'}:",
+            f"  original  {_mib(memory['original']):>10}",
+            f"  rewired   {_mib(memory['rewired']):>10}  ({ratio})")
+    out.emit(data, summary)
+    return EXIT_OK
+
+
+def _jsonable_options(rev, opts: Dict[str, Any]) -> Dict[str, Any]:
+    from .checkpoint import _encode_options
+
+    merged = dict(getattr(rev, "revwire_options", {}) or {}, **opts)
+    try:
+        return _encode_options(merged)
+    except RewireError:
+        return {k: str(v) for k, v in merged.items()}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import _check_input_file, check_output_path, load_weights, save
+
+    out = _Output(args)
+    # Fail fast, before any expensive work, on what can be checked up front.
+    check_output_path(args.output, overwrite=args.force, inputs=[args.checkpoint] if args.checkpoint else [])
+    if args.checkpoint:
+        _check_input_file(args.checkpoint)
+    opts = _rewire_options(args)
+    if args.random_init:
+        torch.manual_seed(args.seed)  # reproducible random weights
+    model, kwargs, x = _build(args, pretrained=args.pretrained)
+    source: Dict[str, Any]
+    if args.checkpoint:
+        key = load_weights(model, args.checkpoint, use_ema=not args.no_ema)
+        source = {"checkpoint": args.checkpoint, "state_dict_key": key}
+        where = f" ('{key}')" if key else ""
+        out.say(f"loaded {args.checkpoint}{where} into {args.spec}")
+    elif args.pretrained:
+        source = {"pretrained": True}
+        out.say(f"loaded the pretrained weights of {args.spec}")
+    else:
+        source = {"random_init": True, "seed": args.seed}
+        out.say(f"{args.spec}: random weights (--random-init)")
+    buffers = _snapshot_buffers(model)  # the weights written are the ones loaded
+    with _forward_guard(f"rewiring {args.spec}", x):
+        rev = _rewire(model, x, opts)
+    _restore_buffers(rev, buffers)
+    rep, rep_dict = _report(rev)
+    out.say(str(rep))
+    verified = None
+    if args.verify:
+        with _forward_guard(f"verifying {args.spec}", x):
+            verified = verify(rev, x, seed=args.seed, tolerance=args.tolerance)
+        line = _verify_line(verified)
+        if not verified["ok"]:
+            print(f"revwire: {line}; {args.output} not written (rerun without --verify to write it anyway)",
+                  file=sys.stderr)
+            if out.json:
+                out.emit({"spec": args.spec, "output": None, "verify": verified, "report": rep_dict})
+            return EXIT_FAILED
+        out.say(line)
+    save(rev, args.output, overwrite=args.force, spec=args.spec, model_kwargs=kwargs,
+         input_shapes=[list(x.shape)], rewire_options=opts, extra={"source": source, "verify": verified})
+    data = {"spec": args.spec, "model_kwargs": kwargs, "output": args.output, "bytes": os.path.getsize(args.output),
+            "source": source, "input_shape": list(x.shape), "rewire_options": _jsonable_options(rev, opts),
+            "report": rep_dict, "verify": verified}
+    out.say(f"wrote {args.output} ({_size(args.output)})")
+    out.emit(data)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_state_dict
+
+    out = _Output(args)
+    n = export_state_dict(args.source, args.output, overwrite=args.force)
+    out.say(f"wrote {args.output} ({n} tensors, {_size(args.output)}): a plain state_dict of the original architecture")
+    out.emit({"source": args.source, "output": args.output, "tensors": n, "bytes": os.path.getsize(args.output)})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _input_size(text: str):
+    from .specs import parse_input_size
+
+    try:
+        return parse_input_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True, json_output: bool = True) -> None:
+    if model:
+        p.add_argument("spec", metavar="SPEC",
+                       help="timm:NAME, torchvision:NAME or module:package.module:factory")
+        g = p.add_argument_group("model")
+        g.add_argument("--model-kwargs", nargs="+", metavar="K=V", default=[],
+                       help="constructor arguments, e.g. num_classes=7 drop_path_rate=0.1")
+        g.add_argument("--input-size", type=_input_size, metavar="C,H,W",
+                       help="per-sample input size, C,H,W or C,T,H,W (default: the model's own)")
+        g.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="batch size (default: 1)")
+        g.add_argument("--seed", type=int, default=0, help="seed of the random input / weights (default: 0)")
+        r = p.add_argument_group("rewiring (defaults: the compiler's)")
+        r.add_argument("--min-blocks", type=_positive_int, metavar="N",
+                       help="shortest chain to rewire (default: 2)")
+        r.add_argument("--post-activation", choices=("branch", "skip"),
+                       help="act(x + F(x)): move act into the branch, or skip the block (default: branch)")
+        r.add_argument("--stream-dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                       help="keep the reversible streams in this dtype")
+        r.add_argument("--leaf-module", action="append", metavar="PKG.MOD:CLASS",
+                       help="trace this module class as a leaf (repeatable)")
+        r.add_argument("--autowrap", action="append", metavar="PKG.MOD:FUNC",
+                       help="do not trace into this function (repeatable)")
+    o = p.add_argument_group("output")
+    o.add_argument("-q", "--quiet", action="store_true", help="print only a one-line summary (or nothing)")
+    if json_output:
+        o.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="revwire",
+        formatter_class=_Formatter,
+        description="Rewire residual PyTorch models into reversible twins that recompute\n"
+                    "activations instead of storing them.",
+        epilog="examples:\n"
+               "  revwire inspect timm:resnet50 --input-size 3,160,160\n"
+               "  revwire convert timm:vit_base_patch16_224 --checkpoint w.safetensors -o rev.pt --verify\n"
+               "  revwire export rev.pt -o plain.pth\n\n"
+               "Bad input gives one line `revwire: error: ...` on stderr and exit status 2.",
+    )
+    parser.add_argument("--version", action="version", version=f"revwire {__version__}")
+    parser.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "inspect", formatter_class=_Formatter,
+        help="show the residual chains and the activation memory saved",
+        description="Build the model (random weights), rewire it, and print the chain table and the\n"
+                    "activation memory of one training forward, original vs rewired.",
+        epilog="example:\n  revwire inspect timm:resnet18 --input-size 3,128,128",
+    )
+    _common(p)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: bytes autograd saves in one training forward (default); cuda: peak CUDA "
+                        "memory of a full training step")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "convert", formatter_class=_Formatter,
+        help="load weights, rewire, (verify,) write a revwire file",
+        description="Load weights into the model strictly, as timm does (a state_dict, or a dict holding\n"
+                    "one under 'state_dict' / 'model' / EMA keys; 'module.' prefixes; .safetensors),\n"
+                    "rewire it, and write OUT atomically: the spec, the rewire options, the revwire\n"
+                    "version and the state_dict. Load it in Python with revwire.load(OUT).",
+        epilog="example:\n  revwire convert timm:resnet18 --checkpoint resnet18.pth -o resnet18-rev.pt --verify",
+    )
+    _common(p)
+    src = p.add_argument_group("weights (one of)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file (.pth, .pt, .bin, .safetensors)")
+    src.add_argument("--pretrained", action="store_true",
+                     help="the library's own pretrained weights (needs network access or a cache)")
+    src.add_argument("--random-init", action="store_true", help="random weights (for trying things out)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the revwire file to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use 'state_dict' / 'model' even where the file has EMA weights (timm prefers EMA)")
+    p.add_argument("--verify", action="store_true",
+                   help="check reversible vs autograd gradients on a random batch; write nothing if they differ")
+    p.add_argument("--tolerance", type=float, default=1e-3, metavar="REL",
+                   help="largest relative gradient error --verify accepts (default: 1e-3; wrong "
+                        "gradients are off by O(1))")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="write the plain state_dict of a revwire file",
+        description="Write the state_dict of a revwire file (from `revwire convert` or revwire.save,\n"
+                    "e.g. after fine-tuning) as a plain state_dict that loads with strict=True into the\n"
+                    "original architecture. An OUT ending in .safetensors is written as safetensors.",
+        epilog="example:\n  revwire export finetuned-rev.pt -o finetuned.pth",
+    )
+    p.add_argument("source", metavar="FILE", help="a revwire file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the plain state_dict to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    print(f"revwire: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    with warnings.catch_warnings():
+        if args.quiet or getattr(args, "json", False):
+            warnings.simplefilter("ignore")
+        else:
+            warnings.showwarning = _showwarning
+        try:
+            return args.func(args)
+        except RewireError as e:
+            if args.traceback:
+                raise
+            print(f"revwire: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("revwire: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.traceback:
+                raise
+            print(f"revwire: internal error: {type(e).__name__}: {_one_line(e)[:300]} "
+                  f"(rerun with --traceback and report it)", file=sys.stderr)
+            return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

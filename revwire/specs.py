@@ -1,0 +1,356 @@
+"""Model specs: `timm:NAME`, `torchvision:NAME`, `module:package.module:factory`.
+
+A spec names a model architecture. `build_model` turns it (plus constructor keyword
+arguments) into an `nn.Module` with random weights, records the spec on the module
+(`module.revwire_spec`, a JSON-able dict) so that `revwire.save` knows how to rebuild
+it, and `default_input` makes a random input of the model's own size (timm
+`pretrained_cfg`, torchvision weights metadata), overridable by the caller.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import json
+import os
+import re
+import sys
+import weakref
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import InputError, SpecError
+
+KINDS = ("timm", "torchvision", "module")
+SPEC_ATTR = "revwire_spec"
+
+# Spec records of the models built here, keyed by the id of one of their parameters:
+# `rewire` returns a new module whose parameters are the original's objects, so the
+# record can be found from the rewired model even when it does not copy attributes.
+_BY_PARAM: Dict[int, Tuple["weakref.ref", Dict[str, Any]]] = {}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_spec(spec: str) -> Tuple[str, str]:
+    """Split a spec into (kind, name); raise SpecError on a malformed one."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise SpecError(
+            f"invalid model spec {spec!r}: write timm:NAME, torchvision:NAME or "
+            f"module:package.module:factory"
+        )
+    kind, name = spec.split(":", 1)
+    kind = kind.strip().lower()
+    name = name.strip()
+    if kind not in KINDS:
+        raise SpecError(
+            f"invalid model spec {spec!r}: unknown kind {kind!r}; write timm:NAME, "
+            f"torchvision:NAME or module:package.module:factory"
+        )
+    if not name:
+        raise SpecError(f"invalid model spec {spec!r}: the model name is empty")
+    if kind == "module":
+        mod, _, attr = name.partition(":")
+        if not mod or not attr:
+            raise SpecError(
+                f"invalid model spec {spec!r}: write module:package.module:factory "
+                f"(a callable that returns the nn.Module)"
+            )
+    return kind, name
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # a bare word: a string
+
+
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """Parse `["num_classes=7", "drop_path_rate=0.1", "act_layer=gelu"]` into a dict.
+
+    Values are Python literals (numbers, booleans, tuples, quoted strings; `true`,
+    `false`, `none` also work); anything else is taken as a string.
+    """
+    kwargs: Dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SpecError(f"invalid model argument {item!r}: write NAME=VALUE, e.g. num_classes=7")
+        kwargs[key] = _parse_value(value)
+    _check_jsonable(kwargs, "model arguments")
+    return kwargs
+
+
+def _check_jsonable(value: Any, what: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"{what} must be JSON-able (numbers, strings, booleans, lists): {e}") from None
+
+
+def parse_input_size(text: str) -> Tuple[int, ...]:
+    """Parse `C,H,W` or `C,T,H,W` (also `3x224x224`) into a tuple of positive ints."""
+    compact = re.sub(r"\s+", "", str(text))
+    size = tuple(int(p) for p in re.split(r"[,x]", compact)) if re.fullmatch(r"\d+([,x]\d+)*", compact) else ()
+    if not size or any(s <= 0 for s in size):
+        raise InputError(f"invalid input size {text!r}: write C,H,W or C,T,H,W, e.g. 3,224,224")
+    return size
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _suggest(name: str, names: Sequence[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    if not close:
+        low = name.lower()
+        close = [m for m in names if low in m][:n]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _timm_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, _tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise SpecError(f"unknown timm model {name!r}{_suggest(arch, timm.list_models())}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _torchvision_names() -> Tuple[Sequence[str], Sequence[str]]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm), tvm.list_models(module=tvm.video)
+
+
+def _torchvision_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm
+
+    classification, video = _torchvision_names()
+    if name not in classification and name not in video:
+        if name in tvm.list_models():
+            raise SpecError(
+                f"torchvision:{name} is not a classification or video model; wrap it in a "
+                f"factory of your own and use module:package.module:factory"
+            )
+        raise SpecError(
+            f"unknown torchvision model {name!r}{_suggest(name, list(classification) + list(video))}"
+        )
+    if pretrained:
+        kwargs = dict(kwargs, weights="DEFAULT")
+    return tvm.get_model(name, **kwargs)
+
+
+def _resolve(path: str) -> Any:
+    """Import `package.module:attr.attr` and return the attribute."""
+    mod_name, _, attr = path.partition(":")
+    added = False
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: the user's own modules are importable
+        added = True
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import module {mod_name!r}: {e}") from None
+    except Exception as e:  # an error inside the user's module
+        raise SpecError(f"importing module {mod_name!r} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if added:
+            try:
+                sys.path.remove(cwd)
+            except ValueError:
+                pass
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise SpecError(f"module {mod_name!r} has no attribute {attr!r}{_suggest(part, names)}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _module_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
+    if pretrained:
+        raise SpecError(
+            f"--pretrained works for timm: and torchvision: specs only; load the weights of "
+            f"module:{name} with --checkpoint PATH"
+        )
+    factory = _resolve(name)
+    if not callable(factory):
+        raise SpecError(f"module:{name} is not callable: it must be a function or class returning an nn.Module")
+    return factory(**kwargs)
+
+
+_BUILDERS = {"timm": _timm_model, "torchvision": _torchvision_model, "module": _module_model}
+
+
+def build_model(spec: str, model_kwargs: Optional[Mapping[str, Any]] = None, *, pretrained: bool = False) -> nn.Module:
+    """Build the model that `spec` names, with random weights (or the library's
+    pretrained weights with `pretrained=True`, which needs network access or a cache).
+
+    Records `{"spec": spec, "model_kwargs": {...}}` on the returned module as
+    `module.revwire_spec`. Raises `SpecError` for an unknown name or bad arguments.
+    """
+    kind, name = parse_spec(spec)
+    kwargs = dict(model_kwargs or {})
+    _check_jsonable(kwargs, "model arguments")
+    try:
+        model = _BUILDERS[kind](name, kwargs, pretrained)
+    except SpecError:
+        raise
+    except TypeError as e:
+        raise SpecError(f"cannot build {spec} with arguments {kwargs}: {e}") from None
+    except Exception as e:
+        if pretrained:
+            raise  # the caller turns download errors into a CheckpointError
+        raise SpecError(f"building {spec} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{spec} returned an object of type {type(model).__name__}, not an nn.Module")
+    record_spec(model, f"{kind}:{name}", kwargs)
+    return model
+
+
+def record_spec(model: nn.Module, spec: str, model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Attach a spec record to `model` (and to its parameters, see `spec_of`)."""
+    parse_spec(spec)
+    kwargs = dict(model_kwargs or {})
+    _check_jsonable(kwargs, "model arguments")
+    record = {"spec": spec, "model_kwargs": kwargs}
+    model.__dict__[SPEC_ATTR] = record  # a plain attribute, not a submodule or buffer
+    for p in model.parameters():
+        _BY_PARAM[id(p)] = (weakref.ref(p), record)
+        weakref.finalize(p, _BY_PARAM.pop, id(p), None)
+        break
+    return record
+
+
+def spec_of(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The spec record of `model`, or of the model built by `build_model` whose
+    parameters it uses (a rewired model); None when unknown."""
+    record = getattr(model, SPEC_ATTR, None)
+    if isinstance(record, dict):
+        return record
+    for p in model.parameters():
+        entry = _BY_PARAM.get(id(p))
+        if entry is not None and entry[0]() is p:
+            return entry[1]
+    return None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _torchvision_input_size(name: str) -> Tuple[int, ...]:
+    import torchvision.models as tvm
+
+    _, video = _torchvision_names()
+    crop, frames = 224, 16
+    try:
+        weights = list(tvm.get_model_weights(name))
+    except Exception:
+        weights = []
+    if weights:
+        w = weights[0]
+        c = getattr(w.transforms, "keywords", {}).get("crop_size")
+        if isinstance(c, (tuple, list)):
+            c = c[0]
+        if isinstance(c, int):
+            crop = c
+        frames = max(frames, int(w.meta.get("min_temporal_size", 0) or 0))
+    return (3, frames, crop, crop) if name in video else (3, crop, crop)
+
+
+def default_input_size(model: nn.Module, spec: Optional[str] = None,
+                       model_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[int, ...]:
+    """The per-sample input size the model expects (without the batch dimension).
+
+    timm models: `pretrained_cfg["input_size"]`, adjusted for `img_size` / `in_chans`
+    model arguments; torchvision: the crop size of its weights (and 16 frames for video
+    models); other models: a `pretrained_cfg` or `default_cfg` they carry. Raises
+    `InputError` when none is known.
+    """
+    kwargs = dict(model_kwargs or {})
+    kind, name = parse_spec(spec) if spec else (None, None)
+    if kind == "torchvision":
+        size = list(_torchvision_input_size(name))
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        size = list(cfg["input_size"]) if isinstance(cfg, Mapping) and cfg.get("input_size") else None
+        if size is None:
+            raise InputError(
+                f"the input size of {spec or type(model).__name__} is not known: pass --input-size "
+                f"C,H,W (or C,T,H,W for video)"
+            )
+    img = kwargs.get("img_size", kwargs.get("image_size"))
+    if isinstance(img, int):
+        size[-2:] = [img, img]
+    elif isinstance(img, (tuple, list)) and len(img) == 2:
+        size[-2:] = list(img)
+    chans = kwargs.get("in_chans", kwargs.get("in_channels"))
+    if isinstance(chans, int):
+        size[0] = chans
+    return tuple(int(s) for s in size)
+
+
+def fit_input_size(spec: str, model_kwargs: Optional[Mapping[str, Any]],
+                   input_size: Optional[Sequence[int]]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Model arguments that let `spec` take inputs of `input_size`.
+
+    timm models with a fixed input size (ViT, DeiT, Swin: position embeddings sized at
+    construction) get `img_size=H` (or `[H, W]`) when `input_size` asks for another
+    height and width and no `img_size` was given. Returns (kwargs, a note or None).
+    """
+    kwargs = dict(model_kwargs or {})
+    if not spec or not input_size or len(input_size) < 2 or "img_size" in kwargs:
+        return kwargs, None
+    kind, name = parse_spec(spec)
+    if kind != "timm":
+        return kwargs, None
+    try:
+        from timm.models import get_pretrained_cfg, split_model_name_tag
+
+        cfg = get_pretrained_cfg(split_model_name_tag(name)[0])
+    except Exception:
+        return kwargs, None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False) or not getattr(cfg, "input_size", None):
+        return kwargs, None
+    h, w = (int(v) for v in input_size[-2:])
+    if (h, w) == tuple(cfg.input_size[-2:]):
+        return kwargs, None
+    kwargs["img_size"] = h if h == w else [h, w]
+    return kwargs, f"{spec} has a fixed input size: built with img_size={kwargs['img_size']} for --input-size"
+
+
+def make_input(size: Sequence[int], batch: int = 1, *, seed: Optional[int] = 0,
+               dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A random batch of shape (batch, *size), from its own generator (the global RNG
+    is left alone)."""
+    if batch <= 0:
+        raise InputError(f"invalid batch size {batch}: it must be at least 1")
+    gen = torch.Generator()
+    gen.manual_seed(0 if seed is None else seed)
+    x = torch.randn((batch, *size), generator=gen, dtype=torch.float32).to(dtype)
+    return x.to(device) if device is not None else x
+
+
+def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: Optional[Sequence[int]] = None,
+                  batch: int = 1, model_kwargs: Optional[Mapping[str, Any]] = None, seed: Optional[int] = 0,
+                  device=None) -> torch.Tensor:
+    """A random input batch for `model`: `input_size` if given, else the model's own."""
+    if spec is None:
+        record = spec_of(model)
+        if record is not None:
+            spec, model_kwargs = record["spec"], model_kwargs or record["model_kwargs"]
+    size = tuple(input_size) if input_size else default_input_size(model, spec, model_kwargs)
+    return make_input(size, batch, seed=seed, device=device)
