@@ -39,13 +39,20 @@ def _example_inputs(model: nn.Module, example_inputs) -> tuple:
 
 
 def _block_label(r: Residual) -> str:
+    """`scope [first module of the branch]`, e.g. `blocks.3 [norm2]` or `layer1.1 [conv1]`."""
     stack = r.add.meta.get("nn_module_stack") or {}
     scope = list(stack.values())[-1][0] if stack else ""
-    first = next((n.target for n in r.add.graph.nodes if n in r.branch and n.op == "call_module"), None)
-    if first is None:
-        return scope or r.add.name
-    leaf = first[len(scope) + 1:] if scope and first.startswith(scope + ".") else first
-    return f"{scope} [{leaf}]" if scope else leaf
+    for node in r.add.graph.nodes:
+        if node not in r.branch:
+            continue
+        paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if node.op == "call_module":
+            paths.append(node.target)
+        inner = [p for p in paths if p.startswith(scope + ".") or (not scope and p)]
+        if inner:
+            leaf = inner[0][len(scope) + 1:] if scope else inner[0]
+            return f"{scope} [{leaf}]" if scope else leaf
+    return scope or r.add.name
 
 
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -121,8 +128,15 @@ def rewire(
         "min_blocks": min_blocks, "post_activation": post_activation, "strict": strict,
         "stream_dtype": None if stream_dtype is None else str(stream_dtype).replace("torch.", ""),
         "check_finite": check_finite,
+        "leaf_modules": [_qualified_name(c) for c in leaf_modules],
+        "autowrap_functions": [_qualified_name(f) for f in autowrap_functions],
     }
+    gm.revwire_input_shapes = [list(t.shape) for t in inputs]
     return gm
+
+
+def _qualified_name(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
 
 
 def _check_same_parameters(model: nn.Module, gm: nn.Module) -> None:

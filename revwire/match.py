@@ -290,15 +290,15 @@ def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult
 def _best_reason(operands, reasons) -> Optional[str]:
     """Why an add that looks like a residual is not one (None: not residual-like at all)."""
     a, b = operands
+    if not _share_ancestor(a, b):
+        return None  # e.g. `x + pos_embed`: nothing residual about it
     unrelated = ("does not read the skip", "also reads the input")
     informative = [r for r in reasons if not any(u in r for u in unrelated)]
     if informative:
         return "not a residual: " + informative[0]
-    if _share_ancestor(a, b):
-        if a.meta[SHAPE] != b.meta[SHAPE]:
-            return "shape change across the block"
-        return "projection shortcut: the skip is computed (e.g. downsampled), not the identity"
-    return None
+    if a.meta[SHAPE] != b.meta[SHAPE]:
+        return "shape change across the block"
+    return "projection shortcut: the skip is computed (e.g. downsampled), not the identity"
 
 
 def _share_ancestor(a: fx.Node, b: fx.Node, depth: int = 40) -> bool:

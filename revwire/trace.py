@@ -127,6 +127,7 @@ def trace(model: nn.Module, n_inputs: int, *, leaf_modules: Sequence[type] = (),
             f"function) to keep it out of the trace."
         ) from e
     _bind_functional_dropout(graph)
+    _keep_argument_names(graph, concrete)
     gm = fx.GraphModule(_mirror(model), graph, type(model).__name__)
     _inline_identities(gm)
     return gm
@@ -147,6 +148,15 @@ def _mirror(model: nn.Module) -> nn.Module:
         root.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
     root.training = model.training
     return root
+
+
+def _keep_argument_names(graph: fx.Graph, concrete: dict) -> None:
+    """fx renames specialised arguments (`attn_mask` -> `attn_mask_1`); callers use the real names."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target not in concrete:
+            base = node.target.rsplit("_", 1)[0]
+            if base in concrete and node.target.rsplit("_", 1)[-1].isdigit():
+                node.target = base
 
 
 def _class_at(model: nn.Module, path: str) -> str:
