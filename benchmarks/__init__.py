@@ -1,0 +1,1 @@
+"""Benchmarks for revwire: `python -m benchmarks.run` (see benchmarks/README.md)."""

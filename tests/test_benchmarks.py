@@ -1,0 +1,295 @@
+"""The benchmark harness (benchmarks/): records, method equivalence, max-fit search, outputs."""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import revwire  # noqa: E402
+from benchmarks import measure, methods, plot, run, suites  # noqa: E402
+from benchmarks.methods import Checkpointed  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The harness runs CPU steps single-threaded (see benchmarks/run.py --threads); so do these.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def tiny_vit():
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+
+class Bottle(nn.Module):
+    """relu(x + F(x)) with BatchNorm; a projection shortcut when the shape changes."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None if (cin == cout and stride == 1) else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        skip = x if self.down is None else self.down(x)
+        return F.relu(skip + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.layer1 = nn.Sequential(Bottle(8, 8), Bottle(8, 8), Bottle(8, 8))
+        self.layer2 = nn.Sequential(Bottle(8, 16, 2), Bottle(16, 16), Bottle(16, 16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_case(name="tiny_vit", build=tiny_vit, sizes=(2, 3), suite="image", depth=3):
+    return suites.Case(suite, name, build, "batch", list(sizes), lambda b: (b, 3, 32, 32), 5, depth=depth,
+                       max_fit={"start": 2, "limit": 8, "granularity": 2})
+
+
+def tiny_args(**kw):
+    a = argparse.Namespace(methods=list(methods.METHODS), dtype=["float32"], warmup=1, repeats=2,
+                           max_fit=False, max_fit_dtype=["float32"], max_fit_limit=None, seed=0)
+    vars(a).update(kw)
+    return a
+
+
+# ---------------------------------------------------------------- max-fit search
+
+
+@pytest.mark.parametrize("true_max", [0, 1, 2, 3, 7, 8, 16, 17, 31, 64, 100, 127, 128, 129, 1000])
+@pytest.mark.parametrize("start,limit,gran", [(1, 128, 1), (8, 128, 1), (16, 128, 16), (4, 100, 4)])
+def test_max_fit_finds_largest(true_max, start, limit, gran):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= true_max
+
+    n, capped = measure.max_fit(fits, start, limit, gran)
+    expect = min(true_max, limit) // gran * gran
+    assert n == expect
+    assert capped == (true_max >= limit // gran * gran)
+    assert all(c % gran == 0 and 0 < c <= limit for c in calls)
+    assert len(calls) == len(set(calls)), "a size was tried twice"
+    assert len(calls) <= 2 * (limit // gran).bit_length() + 2
+
+
+def test_max_fit_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        measure.max_fit(lambda n: True, 0, 10, 1)
+    with pytest.raises(ValueError):
+        measure.max_fit(lambda n: True, 4, 2, 1)
+
+
+def test_fits_once_catches_oom_and_releases(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    real = measure.train_step
+
+    def step(model_, opt, x, target, amp):
+        if x.shape[0] > 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model_, opt, x, target, amp)
+
+    monkeypatch.setattr(measure, "train_step", step)
+    case = tiny_case()
+    fits = measure.fits_once(model, lambda n: suites.make_batch(case, n, "cpu"), None, torch.device("cpu"))
+    assert measure.max_fit(fits, 2, 64, 2) == (6, False)
+    assert all(p.grad is None for p in model.parameters())
+
+    def broken(*a):
+        raise ValueError("not an OOM")
+
+    monkeypatch.setattr(measure, "train_step", broken)
+    with pytest.raises(ValueError):
+        fits(2)
+
+
+# ---------------------------------------------------------------- methods
+
+
+def test_checkpoint_targets_and_sharing():
+    torch.manual_seed(0)
+    model = TinyResNet().train()
+    x = torch.randn(2, 3, 16, 16)
+    mods, info = methods.prepare(model, x[:1])
+    # Every bottleneck is checkpointed, the projection-shortcut ones (not in a chain) included.
+    rev = mods["revwire"]
+    assert methods.checkpoint_targets(model, rev) == [f"layer{i}.{j}" for i in (1, 2) for j in range(3)]
+    assert info["checkpointed"] == 6
+    ck = mods["checkpoint"]
+    assert isinstance(ck.layer1[0], Checkpointed) and isinstance(ck.layer2[2], Checkpointed)
+    assert not isinstance(model.layer1[0], Checkpointed), "the original model was modified"
+    ids = {id(p) for p in model.parameters()}
+    for m in mods.values():
+        assert {id(p) for p in m.parameters()} == ids
+
+
+def test_vit_targets_are_the_blocks():
+    model = tiny_vit().train()
+    rev = revwire.rewire(model, torch.randn(1, 3, 32, 32))
+    assert methods.checkpoint_targets(model, rev) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def _loss_and_grads(module, model, x, target, amp=None):
+    model.zero_grad(set_to_none=True)
+    loss = measure.loss_of(module, x, target, amp)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("build", [tiny_vit, TinyResNet], ids=["vit", "resnet"])
+def test_methods_give_same_loss(build):
+    """vanilla == checkpoint (same function); revwire's reversible engine == the same rewired
+    graph under plain autograd (the rewired function differs from the original after its
+    first block, DESIGN.md §2, so it is compared with its own ground truth)."""
+    torch.manual_seed(0)
+    model = build().double().train()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([0, 3, 4])
+    mods, _ = methods.prepare(model, x[:1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for name, module in [("vanilla", mods["vanilla"]), ("checkpoint", mods["checkpoint"]),
+                         ("revwire", mods["revwire"]), ("revwire-autograd", mods["revwire"])]:
+        revwire.set_engine(mods["revwire"], "autograd" if name == "revwire-autograd" else "reversible")
+        model.load_state_dict(state)
+        results[name] = _loss_and_grads(module, model, x, target)
+    revwire.set_engine(mods["revwire"], "reversible")
+
+    def close(a, b, tol):
+        (la, ga), (lb, gb) = a, b
+        assert torch.allclose(la, lb, rtol=tol, atol=0)
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            assert torch.allclose(ga[k], gb[k], rtol=tol, atol=1e-12), k
+
+    close(results["checkpoint"], results["vanilla"], 1e-10)
+    close(results["revwire"], results["revwire-autograd"], 1e-7)
+    assert not torch.allclose(results["revwire"][0], results["vanilla"][0]), "revwire did not rewire"
+
+
+def test_saved_bytes_counts_checkpoint_inputs():
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    x, t = suites.make_batch(tiny_case(), 4, "cpu")
+    mods, _ = methods.prepare(model, x[:1])
+    saved = {m: measure.saved_bytes(mod, x, t, None) for m, mod in mods.items()}
+    block_input = x.shape[0] * 17 * 32 * 4  # (B, 1 + 16 patches, 32) float32
+    assert saved["checkpoint"] >= 3 * block_input  # each block keeps its input
+    assert saved["revwire"] < saved["checkpoint"] < saved["vanilla"]
+    # Outside metering, the checkpoint wrapper adds no node of its own.
+    assert not methods._METER["on"]
+
+
+# ---------------------------------------------------------------- records and outputs
+
+
+def _check_record(r):
+    for k in run.KEYS:
+        assert k in r, k
+    assert isinstance(r["model"], str) and r["method"] in methods.METHODS
+    assert r["dtype"] in ("float32", "bfloat16") and isinstance(r["device"], str)
+    assert isinstance(r["torch"], str) and isinstance(r["date"], str)
+    for k in ("batch", "frames", "peak_mem_bytes", "saved_bytes", "max_fit"):
+        assert r[k] is None or (isinstance(r[k], int) and not isinstance(r[k], bool)), k
+    assert r["step_ms"] is None or isinstance(r["step_ms"], float)
+    assert r["input"] is None or isinstance(r["input"], str)
+
+
+def test_run_case_records():
+    case = tiny_case(sizes=(3,))
+    progress = run.Progress(3, stream=open(os.devnull, "w"))
+    records = run.run_case(case, torch.device("cpu"), tiny_args(), progress)
+    assert len(records) == 3 and progress.done == 3
+    for r in records:
+        _check_record(r)
+        assert r["step_ms"] > 0 and r["saved_bytes"] > 0 and r["peak_mem_bytes"] is None
+        assert r["input"] == f"{r['batch']}x3x32x32" and r["frames"] is None and r["max_fit"] is None
+    by = {(r["batch"], r["method"]): r["saved_bytes"] for r in records}
+    for b in (3,):
+        assert by[b, "revwire"] < by[b, "checkpoint"] < by[b, "vanilla"]
+
+
+def test_main_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
+    picked = [tiny_case(), tiny_case("tiny_deep", sizes=(2,), suite="depth")]
+    monkeypatch.setattr(run, "cases", lambda quick, s, m: [c for c in picked if c.suite in s])
+    argv = ["--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--warmup", "0", "--repeats", "1"]
+    assert run.main(argv) == 0
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert isinstance(data, list) and len(data) == 9
+    for r in data:
+        _check_record(r)
+    md = (tmp_path / "cpu.md").read_text()
+    assert "## image" in md and "## depth" in md and "| tiny_vit | 2x3x32x32 | fp32 |" in md
+    assert "pending" in md
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "cpu.png").exists()
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().err
+    # A second run of one suite merges: its records replace the old ones, the rest stay.
+    assert run.main(argv + ["--suite", "depth", "--no-plot"]) == 0
+    again = json.loads((tmp_path / "cpu.json").read_text())
+    assert len(again) == 9
+    assert sum(r["model"] == "tiny_deep" for r in again) == 3
+
+
+def test_markdown_targets_from_cuda_records():
+    def rec(method, **kw):
+        r = {k: None for k in run.KEYS}
+        r.update(model="vit_base_patch16_224", method=method, device="NVIDIA H100", dtype="bfloat16",
+                 suite="image", torch="2.14.1", date="2026-01-01T00:00:00")
+        r.update(kw)
+        return r
+
+    gib = 2**30
+    records = [
+        rec("vanilla", batch=128, input="128x3x224x224", peak_mem_bytes=40 * gib, step_ms=300.0, saved_bytes=30 * gib),
+        rec("checkpoint", batch=128, input="128x3x224x224", peak_mem_bytes=12 * gib, step_ms=390.0, saved_bytes=2 * gib),
+        rec("revwire", batch=128, input="128x3x224x224", peak_mem_bytes=8 * gib, step_ms=420.0, saved_bytes=gib),
+    ]
+    for m, fit in (("vanilla", 64), ("checkpoint", 256), ("revwire", 512)):
+        records.append(rec(m, model="swin3d_t", suite="video", axis="frames", max_fit=fit))
+    for d, b in ((12, 100), (24, 101), (48, 130)):
+        records.append(rec("revwire", model=f"vit_b_depth{d}", suite="depth", depth=d, batch=32,
+                           input="32x3x224x224", saved_bytes=b * 2**20))
+    rows = {a: (b, c) for a, b, c in plot.targets(records)}
+    status = [c for _, c in rows.values()]
+    assert status == ["met", "NOT met", "met", "NOT met"]
+    md = plot.markdown(records)
+    assert "0.20×" in md and "512 (8.00×)" in md and "GPU figures are pending" not in md
+
+
+def test_quick_cases_are_small():
+    for case in suites.cases(True):
+        for s in case.sizes:
+            assert torch.Size(case.input_shape(s)).numel() <= 3 * 8 * 64 * 64
+    names = {c.name for c in suites.cases(False)}
+    assert {"vit_base_patch16_224", "resnet50", "swin_tiny_patch4_window7_224", "swin3d_t"} <= names
+    assert [c.sizes for c in suites.cases(False, ["video"])] == [[16, 32, 64, 128, 256, 512, 1024]]
+    assert [c.depth for c in suites.cases(False, ["depth"])] == [6, 12, 24, 48]
