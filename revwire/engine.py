@@ -216,7 +216,14 @@ class _ReversibleFunction(torch.autograd.Function):
                 if stage.debug:
                     ctx.streams.append(a.clone())  # x_{i-2}, as backward will reconstruct it
                 context = stage._context(metas, i, aux)
-                a, b = b, a + stage._run_block(i, b, x.dtype, context)
+                if i == n - 1:
+                    # The last block runs with grad now, so backward need not recompute it:
+                    # one block's activations are stored, whatever the depth.
+                    ctx.last = _differentiable_call(stage, i, b, x.dtype, context)
+                    y = ctx.last[-1].detach()
+                else:
+                    y = stage._run_block(i, b, x.dtype, context)
+                a, b = b, a + y
                 ctx.shapes.append(b.shape)
                 if i < n - 1 and stage.transitions[i] is not None:
                     a, b = stage.transitions[i](a, *context), stage.transitions[i](b, *context)
@@ -254,18 +261,14 @@ class _ReversibleFunction(torch.autograd.Function):
                     a, b, ga, gb = _transpose_layout(stage.transitions[i], ctx.shapes[i], (a, b, ga, gb),
                                                      stage._context(ctx.metas, i, ctx.aux))
             # state: (a, b) = (x_{i-1}, x_i), grads (ga, gb); block i: x_i = x_{i-2} + F_i(x_{i-1})
-            block = stage.blocks[i]
-            # The recompute differentiates with respect to detached aliases of the block's
-            # parameters (same storage), not the parameters themselves: autograd.grad runs the
-            # hooks of the tensors it differentiates with respect to, so a `p.register_hook`
-            # would otherwise fire twice (here, and when the returned gradient reaches p).
-            originals = _grad_params(block)
-            aliases = [p.detach().requires_grad_(True) for p in originals]
-            with torch.enable_grad(), ctx.rng[i].replay(), ctx.autocast.replay(), \
-                    frozen_running_stats(stat_tracking_norms(_modules_of(block))), \
-                    _bound_params(block, dict(zip(map(id, originals), aliases))):
-                inp = a.detach().to(ctx.in_dtype).requires_grad_(True)
-                y = block(inp, *stage._context(ctx.metas, i, ctx.aux))
+            if i == n - 1 and ctx.last is not None:
+                inp, originals, aliases, y = ctx.last
+                ctx.last = None  # its graph is freed below; a retained second backward recomputes
+            else:
+                with ctx.rng[i].replay(), ctx.autocast.replay(), \
+                        frozen_running_stats(stat_tracking_norms(_modules_of(stage.blocks[i]))):
+                    inp, originals, aliases, y = _differentiable_call(
+                        stage, i, a, ctx.in_dtype, stage._context(ctx.metas, i, ctx.aux))
             leaves = [inp] + aliases
             if i not in stage._leaves_checked:
                 _check_leaves(stage, i, y, leaves)
@@ -283,7 +286,9 @@ class _ReversibleFunction(torch.autograd.Function):
                     ref = ctx.streams[i]
                     err = (older - ref).norm() / ref.norm().clamp_min(1e-30)
                     stage.last_reconstruction_error[i] = float(err)
-            for p, gp in zip(originals, grads[1:]):
+            # By position: under an enclosing stage's recompute, `originals` may be that
+            # stage's aliases, while `index` holds the parameters as they are now.
+            for p, gp in zip(_grad_params(stage.blocks[i]), grads[1:]):
                 if gp is not None:
                     k = index[id(p)]
                     param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
@@ -299,6 +304,23 @@ class _ReversibleFunction(torch.autograd.Function):
         # Now (a, b) = (x_{-1}, x_0): both are the input.
         grad_x = (ga + gb).to(ctx.in_dtype) if ctx.needs_input_grad[1] else None
         return (None, grad_x, None, *param_grads)
+
+
+def _differentiable_call(stage: ReversibleStage, i: int, stream: torch.Tensor, in_dtype, context):
+    """Run block i with grad on a detached copy of `stream`: `(input, params, aliases, output)`.
+
+    The graph is built on detached aliases of the block's parameters (same storage), not
+    the parameters themselves: autograd.grad runs the hooks of the tensors it
+    differentiates with respect to, so a `p.register_hook` would otherwise fire twice
+    (here, and when the returned gradient reaches p).
+    """
+    block = stage.blocks[i]
+    originals = _grad_params(block)
+    aliases = [p.detach().requires_grad_(True) for p in originals]
+    with torch.enable_grad(), _bound_params(block, dict(zip(map(id, originals), aliases))):
+        inp = stream.detach().to(in_dtype).requires_grad_(True)
+        y = stage._run_block(i, inp, in_dtype, context)
+    return inp, originals, aliases, y
 
 
 def _grad_params(block) -> List[nn.Parameter]:

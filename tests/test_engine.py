@@ -137,9 +137,10 @@ def test_recompute_replays_the_forward_masks_and_steps_draw_new_ones():
             b.masks.clear()
         rng = torch.get_rng_state()
         res = run_step(stage, "reversible", x)
-        for b in blocks:  # forward, then the recompute in backward: same mask
+        for b in blocks[:-1]:  # forward, then the recompute in backward: same mask
             assert len(b.masks) == 2
             assert torch.equal(b.masks[0], b.masks[1])
+        assert len(blocks[-1].masks) == 1  # the last block keeps its graph: no recompute
         assert not torch.equal(blocks[0].masks[0], blocks[1].masks[0])  # per-block masks differ
         outs.append(res["out"])
         grads.append(res["grads"])
@@ -405,7 +406,9 @@ def test_stream_dtype_float64_with_float32_input():
     _, b64 = revwire.saved_tensor_bytes(stage, x, exclude=stage.parameters())
     stage.stream_dtype = None
     _, b32 = revwire.saved_tensor_bytes(stage, x, exclude=stage.parameters())
-    assert b64 == 2 * b32 == 2 * 2 * x.numel() * 4
+    # float64 streams double the pair; the last block then stores its own float32 input
+    # (with float32 streams that input is the stream itself)
+    assert b64 - b32 == 2 * x.numel() * 4 + x.numel() * 4
 
 
 def test_debug_records_reconstruction_error():
@@ -567,6 +570,9 @@ def test_saved_bytes_constant_in_depth_for_reversible_only():
     rev4, rev32 = _saved(4, "reversible"), _saved(32, "reversible")
     ag4, ag32 = _saved(4, "autograd"), _saved(32, "autograd")
     assert abs(rev32 - rev4) <= 0.1 * rev4
-    assert rev4 == 2 * 2 * 16 * 32 * 4  # just the final pair of streams
+    # the final pair of streams, plus the graph of the last residual (never recomputed),
+    # which is less than what one whole transformer block (two residuals) stores
+    pair = 2 * 2 * 16 * 32 * 4
+    assert pair < rev4 < pair + _saved(2, "autograd")
     assert ag32 > 6 * ag4
-    assert ag4 > 5 * rev4
+    assert ag32 > 20 * rev32
