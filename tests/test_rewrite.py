@@ -1,0 +1,197 @@
+"""Step 4 of the compiler: the emitted ReversibleStage computes the re2tal coupling (DESIGN.md §2)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import revwire
+
+D = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Branch(nn.Module):
+    def __init__(self, d=D):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class Net(nn.Module):
+    """stem -> n residual blocks (optionally post-activated) -> head."""
+
+    def __init__(self, n=4, post_act=False):
+        super().__init__()
+        self.stem = nn.Linear(3, D)
+        self.blocks = nn.ModuleList(Branch() for _ in range(n))
+        self.head = nn.Linear(D, 2)
+        self.post_act = post_act
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = x + b(x)
+            if self.post_act:
+                x = F.relu(x)
+        return self.head(x)
+
+
+def re2tal(x, branches):
+    """x_i = x_{i-2} + F_i(x_{i-1}), x_{-1} = x_0 = x; output (x_{N-1} + x_N) / 2."""
+    a = b = x
+    for f in branches:
+        a, b = b, a + f(b)
+    return (a + b) / 2
+
+
+def test_stage_computes_the_rewired_function():
+    torch.manual_seed(0)
+    model = Net(4).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rev = revwire.rewire(model, x)
+    expected = model.head(re2tal(model.stem(x), list(model.blocks)))
+    for engine in ("autograd", "reversible"):
+        revwire.set_engine(rev, engine)
+        torch.testing.assert_close(rev(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_post_activation_moves_into_the_branch():
+    torch.manual_seed(0)
+    model = Net(3, post_act=True).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rev = revwire.rewire(model, x)
+    assert revwire.report(rev).chains[0].post_activations == 3
+    expected = model.head(re2tal(model.stem(x), [lambda t, b=b: F.relu(b(t)) for b in model.blocks]))
+    torch.testing.assert_close(rev(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_first_block_is_exact_and_the_rest_differ():
+    torch.manual_seed(0)
+    model = Net(1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rev = revwire.rewire(model, x, min_blocks=1)
+    h = model.stem(x)
+    x1 = h + model.blocks[0](h)  # exact first block; output is (x_0 + x_1) / 2
+    torch.testing.assert_close(rev(x), model.head((h + x1) / 2))
+
+
+def test_rewired_graph_calls_one_stage_and_the_same_modules():
+    model = Net(4)
+    rev = revwire.rewire(model, torch.randn(2, 3))
+    assert isinstance(rev, fx.GraphModule)
+    called = [n.target for n in rev.graph.nodes if n.op == "call_module"]
+    assert called == ["stem", "revwire_stage0", "head"]
+    stage = rev.get_submodule("revwire_stage0")
+    assert isinstance(stage, revwire.ReversibleStage)
+    assert len(stage.blocks) == 4
+    for i, block in enumerate(stage.blocks):
+        assert block.get_submodule(f"blocks.{i}.fc") is model.blocks[i].fc
+    # The blocks are not registered under the stage: parameter names stay the model's.
+    assert not any(name.startswith("revwire_stage0.") for name, _ in rev.named_parameters())
+
+
+def test_layout_transitions_are_applied_to_both_streams():
+    class Layout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.ModuleList(Branch() for _ in range(3))
+
+        def forward(self, x):  # (B, H, W, C)
+            B, H, W, C = x.shape
+            for i, b in enumerate(self.b):
+                x = x.reshape(B, H * W, C)
+                x = x + b(x)
+                x = torch.roll(x.view(B, H, W, C), shifts=1, dims=1)
+            return x
+
+    torch.manual_seed(0)
+    model = Layout().double()
+    x = torch.randn(2, 3, 5, D, dtype=torch.float64)
+    rev = revwire.rewire(model, x)
+    rep = revwire.report(rev)
+    assert [c.num_blocks for c in rep.chains] == [3] and rep.chains[0].transitions == 2
+
+    def flat(t):
+        return t.reshape(2, 15, D)
+
+    def unflat(t):
+        return torch.roll(t.view(2, 3, 5, D), shifts=1, dims=1)
+
+    a = b = flat(x)
+    for i, blk in enumerate(model.b):
+        a, b = b, a + blk(b)
+        if i < 2:
+            a, b = flat(unflat(a)), flat(unflat(b))
+    expected = unflat((a + b) / 2)
+    for engine in ("autograd", "reversible"):
+        revwire.set_engine(rev, engine)
+        xi = x.clone().requires_grad_(True)
+        out = rev(xi)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        out.sum().backward()
+        g = xi.grad
+        if engine == "autograd":
+            g_ag = g
+    torch.testing.assert_close(g, g_ag, rtol=1e-10, atol=1e-12)
+
+
+def test_two_chains_two_stages():
+    class TwoStages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleList(Branch() for _ in range(2))
+            self.down = nn.Linear(D, 2 * D)
+            self.b = nn.ModuleList(Branch(2 * D) for _ in range(3))
+
+        def forward(self, x):
+            for m in self.a:
+                x = x + m(x)
+            x = self.down(x)
+            for m in self.b:
+                x = x + m(x)
+            return x
+
+    rev = revwire.rewire(TwoStages(), torch.randn(2, D))
+    rep = revwire.report(rev)
+    assert [c.num_blocks for c in rep.chains] == [2, 3]
+    assert [c.shape for c in rep.chains] == [[2, D], [2, 2 * D]]
+    assert [s.name for s in revwire.stages(rev)] == ["revwire_stage0", "revwire_stage1"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "compiler bug: two adjacent chains (the first one's output, tapped, is the second one's "
+    "input): after the first is emitted, the second is skipped with \"chain not emitted: "
+    "'revwire_stage0' in a block reads 'x', which lives outside it\" (its Residuals still "
+    "point at the replaced output node). Remove this marker when fixed."))
+def test_feature_tap_model_keeps_its_outputs():
+    class Tapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Branch() for _ in range(6))
+
+        def forward(self, x):
+            feats = []
+            for i, b in enumerate(self.blocks):
+                x = x + b(x)
+                if i in (2, 5):
+                    feats.append(x)
+            return feats
+
+    torch.manual_seed(0)
+    model = Tapped().double()
+    x = torch.randn(2, D, dtype=torch.float64)
+    rev = revwire.rewire(model, x)
+    assert [c.num_blocks for c in revwire.report(rev).chains] == [3, 3]
+    f1, f2 = rev(x)
+    e1 = re2tal(x, list(model.blocks[:3]))
+    torch.testing.assert_close(f1, e1)
+    torch.testing.assert_close(f2, re2tal(e1, list(model.blocks[3:])))
