@@ -14,6 +14,8 @@ from .rewrite import _Unsupported, emit_chain
 from .shapes import SHAPE, propagate
 from .trace import trace
 
+_PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
+
 
 def _example_inputs(model: nn.Module, example_inputs) -> tuple:
     if example_inputs is None:
@@ -57,11 +59,17 @@ def _block_label(r: Residual) -> str:
 
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
     """Plain attributes users read on a model (timm's pretrained_cfg, num_classes, ...)."""
-    for name, value in vars(model).items():
-        if name.startswith("_") or hasattr(gm, name) or isinstance(value, (nn.Module, torch.Tensor)):
-            continue
-        if isinstance(value, (int, float, str, bool, tuple, list, dict, type(None))):
-            setattr(gm, name, value)
+    plain = {name: value for name, value in vars(model).items()
+             if not name.startswith("_") and not hasattr(gm, name)
+             and isinstance(value, (int, float, str, bool, tuple, list, dict, type(None)))}
+    _preserve(gm, **plain)
+
+
+def _preserve(gm: fx.GraphModule, **attributes) -> None:
+    """Set attributes that also survive `copy.deepcopy` (GraphModule keeps only these)."""
+    gm.meta.setdefault(_PRESERVED, {}).update(attributes)
+    for name, value in attributes.items():
+        setattr(gm, name, value)
 
 
 def rewire(
@@ -94,15 +102,17 @@ def rewire(
     found = match(gm, min_blocks=min_blocks, post_activation=post_activation)
     report = Report(type(model).__name__)
     report.skipped = [SkippedInfo(s.where, s.reason) for s in found.skipped]
-    for chain in found.chains:
-        name = f"revwire_stage{len(report.chains)}"
+    # Last chain first: emitting a chain replaces its output node, which may be the next
+    # chain's input; emitted in reverse, no chain ever holds a replaced node.
+    for k, chain in reversed(list(enumerate(found.chains))):
+        name = f"revwire_stage{k}"
         try:
             stage = emit_chain(gm, chain, name, _block_label, engine=engine, stream_dtype=stream_dtype,
-                       check_finite=check_finite)
+                               check_finite=check_finite)
         except _Unsupported as e:
             report.skipped.append(SkippedInfo(where(chain.output), f"chain not emitted: {e}"))
             continue
-        report.chains.append(ChainInfo(
+        report.chains.insert(0, ChainInfo(
             name=name,
             blocks=list(stage.names),
             shape=list(chain.input.meta[SHAPE]),
@@ -118,20 +128,22 @@ def rewire(
             raise NoChainError(message + ". Pass strict=False to get the model back unchanged.")
         warnings.warn(message + "; returning the model unchanged", stacklevel=2)
         return model
+    for info in report.chains:  # registered in forward order, as emitted in reverse
+        gm._modules[info.name] = gm._modules.pop(info.name)
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
     _copy_plain_attributes(model, gm)
     _check_same_parameters(model, gm)
-    gm.revwire_report = report
-    gm.revwire_options = {
+    options = {
         "min_blocks": min_blocks, "post_activation": post_activation, "strict": strict,
         "stream_dtype": None if stream_dtype is None else str(stream_dtype).replace("torch.", ""),
         "check_finite": check_finite,
         "leaf_modules": [_qualified_name(c) for c in leaf_modules],
         "autowrap_functions": [_qualified_name(f) for f in autowrap_functions],
     }
-    gm.revwire_input_shapes = [list(t.shape) for t in inputs]
+    _preserve(gm, revwire_report=report, revwire_options=options,
+              revwire_input_shapes=[list(t.shape) for t in inputs])
     return gm
 
 

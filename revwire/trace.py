@@ -128,12 +128,21 @@ def trace(model: nn.Module, n_inputs: int, *, leaf_modules: Sequence[type] = (),
         ) from e
     _bind_functional_dropout(graph)
     _keep_argument_names(graph, concrete)
-    gm = fx.GraphModule(_mirror(model), graph, type(model).__name__)
+    _replace_none_asserts(graph)
+    gm = fx.GraphModule(_mirror(model, _take_tensor_constants(model)), graph, type(model).__name__)
     _inline_identities(gm)
     return gm
 
 
-def _mirror(model: nn.Module) -> nn.Module:
+def _take_tensor_constants(model: nn.Module) -> dict:
+    """The `_tensor_constantN` attributes fx set on `model` while tracing it, removed from it."""
+    constants = {k: v for k, v in vars(model).items() if k.startswith("_tensor_constant")}
+    for k in constants:
+        delattr(model, k)
+    return constants
+
+
+def _mirror(model: nn.Module, constants: dict) -> nn.Module:
     """A root holding `model`'s own children, parameters and buffers, in its order.
 
     Built on it, the GraphModule registers every original module at its original
@@ -146,8 +155,28 @@ def _mirror(model: nn.Module) -> nn.Module:
         root.register_parameter(name, p)
     for name, b in model.named_buffers(recurse=False):
         root.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+    for name, value in constants.items():
+        setattr(root, name, value)
     root.training = model.training
     return root
+
+
+@fx.wrap  # a leaf in any later trace, e.g. when a pickled GraphModule is rebuilt
+def require_none(value, name: str) -> None:
+    """An argument traced as None (a specialised optional argument) must stay None."""
+    if value is not None:
+        raise TypeError(f"'{name}' was specialised to None when the model was rewired; it must stay None")
+
+
+def _replace_none_asserts(graph: fx.Graph) -> None:
+    """fx's `_assert_is_none` is an fx-wrapped function: a GraphModule calling it breaks
+    later tracing once pickled and loaded (a KeyError in fx's patcher); call a plain one."""
+    from torch.fx._symbolic_trace import _assert_is_none
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _assert_is_none:
+            node.target = require_none
+            node.meta["is_wrapped"] = True  # codegen emits wrap(...): rebuilt from code, it stays a call
+            node.args = (node.args[0], str(node.args[1]).split(" has been")[0])
 
 
 def _keep_argument_names(graph: fx.Graph, concrete: dict) -> None:

@@ -149,11 +149,6 @@ def test_deepcopy_works_and_shares_nothing():
     assert len(revwire.stages(dup)) == 1 and revwire.set_engine(dup, "autograd") is dup
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compiler bug: copy.deepcopy of a rewired model (a GraphModule) drops `revwire_report`, "
-    "`revwire_options` and the plain attributes rewire copied (type name becomes GraphModule): "
-    "revwire.report(copy.deepcopy(rev)) raises 'GraphModule was not produced by revwire.rewire'. "
-    "Remove this marker when fixed."))
 def test_deepcopy_keeps_the_report():
     model = timm.create_model("resnet18", pretrained=False)
     dup = copy.deepcopy(revwire.rewire(model, torch.randn(2, 3, 32, 32)))
@@ -179,11 +174,6 @@ def test_torch_save_and_load_of_the_whole_module():
     assert loaded.get_submodule("blocks.3.fc").weight.grad is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compiler bug: torch.load of a rewired timm ViT (traced with concrete_args attn_mask=None, "
-    "so its code calls wrap('torch.fx._symbolic_trace._assert_is_none')) registers that dotted "
-    "name in torch.fx's global wrap table; every later fx trace in the process then fails with "
-    "KeyError: 'torch.fx._symbolic_trace._assert_is_none'. Remove this marker when fixed."))
 def test_torch_save_of_a_timm_model():
     from torch.fx import _symbolic_trace as fx_trace
     x = X32()

@@ -167,11 +167,6 @@ def test_two_chains_two_stages():
     assert [s.name for s in revwire.stages(rev)] == ["revwire_stage0", "revwire_stage1"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compiler bug: two adjacent chains (the first one's output, tapped, is the second one's "
-    "input): after the first is emitted, the second is skipped with \"chain not emitted: "
-    "'revwire_stage0' in a block reads 'x', which lives outside it\" (its Residuals still "
-    "point at the replaced output node). Remove this marker when fixed."))
 def test_feature_tap_model_keeps_its_outputs():
     class Tapped(nn.Module):
         def __init__(self):
