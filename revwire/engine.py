@@ -124,13 +124,15 @@ class ReversibleStage(nn.Module):
         return params
 
     def forward(self, x: torch.Tensor, *aux) -> torch.Tensor:
-        """`aux`: non-tensor values (shapes read before the stage) handed to every block."""
+        """`aux`: values computed before the stage that every block reads (shapes, an
+        attention mask, a rotary table); tensors among them get their gradients."""
         params = self.block_parameters()
+        aux_tensors = [t for t in aux if isinstance(t, torch.Tensor)]
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params)
+            x.requires_grad or any(t.requires_grad for t in aux_tensors + params)
         )
         if self.engine == "reversible" and needs_grad:
-            return _ReversibleFunction.apply(self, x, aux, *params)
+            return _ReversibleFunction.apply(self, x, aux, *aux_tensors, *params)
         return self._forward_autograd(x, aux)
 
     # -- pieces shared by both engines --------------------------------------------
@@ -195,11 +197,24 @@ def _transpose_layout(transition: Callable, shape, tensors, context: tuple):
     return out
 
 
+_TENSOR = object()  # marks where a tensor of `aux` goes (it is saved for backward instead)
+
+
+def _with_aliases(aux: tuple) -> tuple:
+    """`aux` with each tensor replaced by a detached alias (a leaf of the recompute's graph)."""
+    return tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                 for t in aux)
+
+
 class _ReversibleFunction(torch.autograd.Function):
-    """Forward without storing activations; backward by reconstruction."""
+    """Forward without storing activations; backward by reconstruction.
+
+    Inputs: the stage, the stream input x, the `aux` values, then the tensors among
+    `aux` and the blocks' parameters (so that autograd returns their gradients).
+    """
 
     @staticmethod
-    def forward(ctx, stage: ReversibleStage, x: torch.Tensor, aux: tuple, *params):
+    def forward(ctx, stage: ReversibleStage, x: torch.Tensor, aux: tuple, *tensors):
         n = len(stage.blocks)
         ctx.stage = stage
         ctx.stage_name = stage.name
@@ -208,6 +223,8 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.rng = []
         ctx.shapes = []  # stream shape before each transition
         ctx.streams = [] if stage.debug else None
+        ctx.aux = tuple(_TENSOR if isinstance(t, torch.Tensor) else t for t in aux)
+        n_aux = sum(isinstance(t, torch.Tensor) for t in aux)
         with torch.no_grad():
             a = b = stage._stream(x)
             metas = [_meta(b)]
@@ -215,30 +232,31 @@ class _ReversibleFunction(torch.autograd.Function):
                 ctx.rng.append(RngState.capture(x.device))
                 if stage.debug:
                     ctx.streams.append(a.clone())  # x_{i-2}, as backward will reconstruct it
-                context = stage._context(metas, i, aux)
                 if i == n - 1:
                     # The last block runs with grad now, so backward need not recompute it:
                     # one block's activations are stored, whatever the depth.
-                    ctx.last = _differentiable_call(stage, i, b, x.dtype, context)
+                    last_aux = _with_aliases(aux)
+                    ctx.last = (last_aux, *_differentiable_call(
+                        stage, i, b, x.dtype, stage._context(metas, i, last_aux)))
                     y = ctx.last[-1].detach()
                 else:
-                    y = stage._run_block(i, b, x.dtype, context)
+                    y = stage._run_block(i, b, x.dtype, stage._context(metas, i, aux))
                 a, b = b, a + y
                 ctx.shapes.append(b.shape)
                 if i < n - 1 and stage.transitions[i] is not None:
+                    context = stage._context(metas, i, aux)
                     a, b = stage.transitions[i](a, *context), stage.transitions[i](b, *context)
                     metas.append(_meta(b))
             ctx.metas = metas
-            ctx.aux = aux
             out = ((a + b) / 2).to(x.dtype)
-        ctx.save_for_backward(a, b)
+        ctx.save_for_backward(a, b, *tensors[:n_aux])
         return out
 
     @staticmethod
     @once_differentiable  # a second-order backward raises instead of silently dropping terms
     def backward(ctx, grad_out):
         try:
-            a, b = ctx.saved_tensors
+            a, b, *aux_tensors = ctx.saved_tensors
         except RuntimeError as e:
             raise StageFreedError(
                 f"stage '{ctx.stage_name}': backward was called a second time, but the reversible "
@@ -247,9 +265,12 @@ class _ReversibleFunction(torch.autograd.Function):
                 f"revwire.set_engine(model, 'autograd')."
             ) from e
         stage: ReversibleStage = ctx.stage
+        fill = iter(aux_tensors)
+        aux = _with_aliases(tuple(next(fill) if v is _TENSOR else v for v in ctx.aux))
         params = stage.block_parameters()
         index = {id(p): k for k, p in enumerate(params)}
         param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        aux_grads: List[Optional[torch.Tensor]] = [None] * len(aux_tensors)
         n = len(stage.blocks)
         g = grad_out.to(a.dtype) / 2
         ga, gb = g, g
@@ -259,24 +280,26 @@ class _ReversibleFunction(torch.autograd.Function):
             if i < n - 1 and stage.transitions[i] is not None:
                 with torch.enable_grad():
                     a, b, ga, gb = _transpose_layout(stage.transitions[i], ctx.shapes[i], (a, b, ga, gb),
-                                                     stage._context(ctx.metas, i, ctx.aux))
+                                                     stage._context(ctx.metas, i, aux))
             # state: (a, b) = (x_{i-1}, x_i), grads (ga, gb); block i: x_i = x_{i-2} + F_i(x_{i-1})
             if i == n - 1 and ctx.last is not None:
-                inp, originals, aliases, y = ctx.last
+                block_aux, inp, originals, aliases, y = ctx.last
                 ctx.last = None  # its graph is freed below; a retained second backward recomputes
             else:
+                block_aux = aux
                 with ctx.rng[i].replay(), ctx.autocast.replay(), \
                         frozen_running_stats(stat_tracking_norms(_modules_of(stage.blocks[i]))):
                     inp, originals, aliases, y = _differentiable_call(
-                        stage, i, a, ctx.in_dtype, stage._context(ctx.metas, i, ctx.aux))
-            leaves = [inp] + aliases
+                        stage, i, a, ctx.in_dtype, stage._context(ctx.metas, i, aux))
+            aux_leaves = [t for t in block_aux if isinstance(t, torch.Tensor)]
+            leaves = [inp] + aliases + [t for t in aux_leaves if t.requires_grad]
             if i not in stage._leaves_checked:
                 _check_leaves(stage, i, y, leaves)
                 stage._leaves_checked.add(i)
             if y.requires_grad:
                 grads = torch.autograd.grad(y, leaves, grad_outputs=gb.to(y.dtype),
                                             allow_unused=True)
-            else:  # F_i depends on neither its input nor a trainable parameter
+            else:  # F_i depends on neither its input nor a trainable tensor
                 grads = (None,) * len(leaves)
             with torch.no_grad():
                 older = b - y.detach()  # x_{i-2}
@@ -288,10 +311,16 @@ class _ReversibleFunction(torch.autograd.Function):
                     stage.last_reconstruction_error[i] = float(err)
             # By position: under an enclosing stage's recompute, `originals` may be that
             # stage's aliases, while `index` holds the parameters as they are now.
-            for p, gp in zip(_grad_params(stage.blocks[i]), grads[1:]):
+            block_params = _grad_params(stage.blocks[i])
+            for p, gp in zip(block_params, grads[1:1 + len(aliases)]):
                 if gp is not None:
                     k = index[id(p)]
                     param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
+            aux_iter = iter(grads[1 + len(aliases):])
+            for k, t in enumerate(aux_leaves):
+                gt = next(aux_iter) if t.requires_grad else None
+                if gt is not None:
+                    aux_grads[k] = gt if aux_grads[k] is None else aux_grads[k] + gt
             a, b, ga, gb = older, a, gb, (ga if grads[0] is None else ga + grads[0].to(ga.dtype))
         if finite_flags and not bool(torch.stack(finite_flags).all()):
             bad = n - 1 - int(torch.stack(finite_flags).logical_not().nonzero()[0])
@@ -303,7 +332,7 @@ class _ReversibleFunction(torch.autograd.Function):
             )
         # Now (a, b) = (x_{-1}, x_0): both are the input.
         grad_x = (ga + gb).to(ctx.in_dtype) if ctx.needs_input_grad[1] else None
-        return (None, grad_x, None, *param_grads)
+        return (None, grad_x, None, *aux_grads, *param_grads)
 
 
 def _differentiable_call(stage: ReversibleStage, i: int, stream: torch.Tensor, in_dtype, context):

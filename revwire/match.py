@@ -18,7 +18,7 @@ from .shapes import DTYPE, SHAPE, VALUE
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _METADATA_METHODS = {"size", "dim", "numel"}
-_METADATA_ATTRS = {"shape", "ndim"}
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device"}
 _LAYOUT_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten",
                    "roll", "squeeze", "unsqueeze", "movedim", "swapaxes", "swapdims"}
 _LAYOUT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.roll,
@@ -86,20 +86,26 @@ class MatchResult:
 # -- node classification ---------------------------------------------------------------
 
 def is_metadata(node: fx.Node) -> bool:
-    """A node whose value is a shape-derived non-tensor (x.shape, x.size(0), B * H, ...)."""
+    """A node whose value describes a tensor without reading it (x.shape, x.size(0), B * H,
+    x.dtype, x.device): it moves freely between equal-shaped values."""
     return node.meta.get("revwire_is_metadata", False)
 
 
 def _classify_metadata(graph: fx.Graph) -> None:
     for n in graph.nodes:
         meta = False
-        if VALUE in n.meta and n.op in ("call_function", "call_method"):
-            if metadata_source(n) is not None:
-                meta = True
-            else:
-                inputs = n.all_input_nodes
-                meta = all(is_metadata(i) for i in inputs)
+        if n.op in ("call_function", "call_method"):
+            meta = metadata_source(n) is not None or (
+                VALUE in n.meta and all(is_metadata(i) for i in n.all_input_nodes))
         n.meta["revwire_is_metadata"] = meta
+        n.meta["revwire_is_constant"] = n.op == "get_attr" or (
+            n.op in ("call_function", "call_method")
+            and all(i.meta.get("revwire_is_constant") for i in n.all_input_nodes))
+
+
+def is_constant(node: fx.Node) -> bool:
+    """A parameter, buffer or constant, or a pure function of those (copied into blocks)."""
+    return node.meta.get("revwire_is_constant", False)
 
 
 def metadata_source(node: fx.Node) -> Optional[fx.Node]:
@@ -193,8 +199,13 @@ class _NotResidual(Exception):
     pass
 
 
-def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node) -> Set[fx.Node]:
-    """Nodes of F in `add(skip, F(skip))`; raises _NotResidual with the reason."""
+def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node,
+               order: Dict[fx.Node, int]) -> Set[fx.Node]:
+    """Nodes of F in `add(skip, F(skip))`; raises _NotResidual with the reason.
+
+    F may also read parameters, constants, and values computed before the block (an
+    attention mask, a rotary table): those reach the stage as extra inputs.
+    """
     ancestors: Set[fx.Node] = set()
     stack = [out]
     reaches_skip = False
@@ -203,35 +214,42 @@ def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node) ->
         if n is skip:
             reaches_skip = True
             continue
-        if n in ancestors:
-            continue
-        if n.op == "placeholder":
-            raise _NotResidual(f"its branch also reads the input '{n.name}'")
+        if n in ancestors or order[n] < order[skip]:
+            continue  # already seen, or computed before the block
         ancestors.add(n)
         # Shape reads are not followed: a shape computed before the block reaches the
         # stage as an argument, one of the block's own values is recomputed with it.
         stack.extend(data_inputs(n))
     if not reaches_skip:
         raise _NotResidual("its branch does not read the skip input")
-    # Nodes that depend on skip form the branch; the rest are parameters and constants.
+    # Nodes that read skip's values (or a shape of the branch's own values) form the
+    # branch; the rest (constants, values computed before the block or from the skip's
+    # shape only) are copied into the block or handed to the stage.
     branch: Set[fx.Node] = set()
     for n in _in_graph_order(ancestors):
         if any(i is skip or i in branch for i in n.all_input_nodes if not is_metadata(i)) or any(
-                s is skip or s in branch for i in n.all_input_nodes if is_metadata(i)
-                for s in _metadata_sources(i)):
+                s in branch for i in n.all_input_nodes if is_metadata(i) for s in _metadata_sources(i)):
             branch.add(n)
-    for n in ancestors - branch:
-        if n.op not in ("get_attr", "call_function", "call_method", "call_module"):
-            raise _NotResidual(f"its branch reads '{n.name}', computed outside it")
-        if n.op == "call_module" or data_inputs(n) and not all(i in ancestors for i in data_inputs(n)):
-            raise _NotResidual(f"its branch reads '{n.name}', computed outside it")
     for n in branch:
         if _mutates_input(gm, n, skip):
             raise _NotResidual(f"'{n.name}' in its branch modifies the skip input in place")
-        for u in n.users:
-            if u not in branch and u is not add and not (is_metadata(u) and _meta_users_within(u, branch | {add})):
-                raise _NotResidual(f"'{n.name}' inside its branch is also read by '{u.name}' (a tapped value)")
+        for u in list(n.users):
+            if u in branch or u is add or is_dead_pure(u):
+                continue
+            if is_metadata(u) and _meta_users_within(u, branch | {add}):
+                continue
+            if metadata_source(u) is n and n.meta.get(SHAPE) == skip.meta[SHAPE]:
+                # a later block reads the shape of a value inside this branch: the skip has it too
+                u.replace_input_with(n, skip)
+                continue
+            raise _NotResidual(f"'{n.name}' inside its branch is also read by '{u.name}' (a tapped value)")
     return branch
+
+
+def is_dead_pure(node: fx.Node) -> bool:
+    """An unused element or shape read (`a, b = torch.split(...)` with `b` unused)."""
+    return not node.users and (is_metadata(node) or (
+        node.op == "call_function" and node.target is operator.getitem))
 
 
 def _metadata_sources(node: fx.Node) -> List[fx.Node]:
@@ -265,6 +283,7 @@ def _in_graph_order(nodes) -> List[fx.Node]:
 
 
 def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult) -> List[Residual]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     residuals = []
     for node in gm.graph.nodes:
         operands = _add_operands(node)
@@ -276,7 +295,7 @@ def find_residuals(gm: fx.GraphModule, post_activation: str, result: MatchResult
         reasons = []
         for skip, out in (operands, operands[::-1]):
             try:
-                residuals.append(_residual(gm, node, skip, out, post_activation))
+                residuals.append(_residual(gm, node, skip, out, post_activation, order))
                 break
             except _NotResidual as e:
                 reasons.append(str(e))
@@ -314,12 +333,12 @@ def _share_ancestor(a: fx.Node, b: fx.Node, depth: int = 40) -> bool:
     return bool(ancestors(a) & ancestors(b))
 
 
-def _residual(gm, add, skip, out, post_activation) -> Residual:
+def _residual(gm, add, skip, out, post_activation, order) -> Residual:
     if skip.meta[SHAPE] != add.meta[SHAPE] or out.meta[SHAPE] != add.meta[SHAPE]:
         raise _NotResidual("shape change across the block")
     if skip.meta[DTYPE] != add.meta[DTYPE]:
         raise _NotResidual("the add changes the dtype")
-    branch = _branch_of(gm, skip, out, add)
+    branch = _branch_of(gm, skip, out, add, order)
     users = data_users(add)
     act = None
     if len(users) == 1 and is_activation(gm, users[0]) and not any(is_metadata(u) for u in add.users):

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Set
 from torch import fx
 
 from .engine import ReversibleStage
-from .match import Chain, _metadata_sources, is_metadata, metadata_source
+from .match import Chain, _metadata_sources, is_constant, is_dead_pure, is_metadata, metadata_source
 from .shapes import SHAPE
 
 
@@ -49,12 +49,14 @@ def _collect(stream_in: fx.Node, output: fx.Node, segments: Dict[fx.Node, int], 
                 continue
             if dep in segments and metadata_source(node) is dep:
                 shape_reads.add(node)
+            elif dep in segments:
+                raise _Unsupported(f"'{node.name}' in a block reads '{dep.name}', another stream value")
             elif is_metadata(dep) and not (set(_metadata_sources(dep)) & internal):
-                aux.add(dep)
-            elif dep.op == "placeholder" or dep in segments:
-                raise _Unsupported(f"'{node.name}' in a block reads '{dep.name}', which lives outside it")
+                aux.add(dep)  # a shape computed before the stage
+            elif dep in internal or is_metadata(dep) or is_constant(dep):
+                stack.append(dep)  # the block's own computation, its shapes, constants: copied
             else:
-                stack.append(dep)
+                aux.add(dep)  # a value computed before the stage (or a forward argument)
     return needed, shape_reads, aux
 
 
@@ -80,7 +82,9 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
             continue
         if node in shape_reads:
             src = metadata_source(node)
-            env[node] = graph.node_copy(node, lambda a: segs[segments[a]] if a is src else env[a])
+            # a segment placeholder is a meta tensor: right shape and dtype, not the device
+            stand_in = x if node.args[1:2] == ("device",) else segs[segments[src]]
+            env[node] = graph.node_copy(node, lambda a: stand_in if a is src else env[a])
         else:
             env[node] = graph.node_copy(node, lambda a: env[a])
     out = env[output]
@@ -189,6 +193,6 @@ def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
 def _erase_pure_tree(graph: fx.Graph, node: fx.Node) -> None:
     for user in list(node.users):
         _erase_pure_tree(graph, user)
-    if not is_metadata(node):
+    if not (is_metadata(node) or is_dead_pure(node)):
         raise AssertionError(f"revwire internal error: '{node.name}' still reads a rewired value")
     graph.erase_node(node)

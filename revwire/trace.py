@@ -129,7 +129,9 @@ def trace(model: nn.Module, n_inputs: int, *, leaf_modules: Sequence[type] = (),
     _bind_functional_dropout(graph)
     _keep_argument_names(graph, concrete)
     _replace_none_asserts(graph)
-    gm = fx.GraphModule(_mirror(model, _take_tensor_constants(model)), graph, type(model).__name__)
+    constants = _take_tensor_constants(model)
+    gm = fx.GraphModule(_mirror(model, constants), graph, type(model).__name__)
+    gm._non_persistent_buffers_set.update(constants)  # not part of the model's state_dict
     _inline_identities(gm)
     return gm
 
