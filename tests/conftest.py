@@ -133,11 +133,17 @@ def assert_engines_match(ag, rev, out_tol=1e-9, grad_tol=1e-7, buf_tol=1e-9):
             assert torch.equal(rev["buffers"][k], b), k
 
 
-@pytest.fixture
-def small_cpu():
-    """Seeded, one intra-op thread (small tensors: faster, and far faster on a busy CPU)."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for every test: the tensors are tiny, and on a shared 2-core CPU
+    OpenMP workers spin-wait and make steps many times slower (up to 50x seen here)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_cpu():
+    """Seeded (and, as every test, on one intra-op thread)."""
+    torch.manual_seed(0)

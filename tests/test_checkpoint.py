@@ -16,15 +16,6 @@ from revwire.errors import CheckpointError, OutputError
 MODULE = "revwire_ckpt_models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs on a shared CPU: one intra-op thread (OpenMP spin-waits cost more than they give)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A small residual model (with BatchNorm and a leaf module) in an importable file."""

@@ -17,14 +17,6 @@ from revwire.cli import main
 MODULE = "revwire_cli_models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs on a shared CPU: one intra-op thread (OpenMP spin-waits cost more than they give)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # spec, --input-size, --model-kwargs, checkpoint layout, expected chain lengths, --verify
 MODELS = {
     "resnet18": ("timm:resnet18", "3,64,64", [], "ddp", [2], True),

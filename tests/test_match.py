@@ -11,16 +11,6 @@ from revwire.trace import trace
 
 D = 4
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP workers spin-wait and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 class Branch(nn.Module):
     def __init__(self, d=D):
         super().__init__()

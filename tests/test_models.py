@@ -19,16 +19,6 @@ torchvision = pytest.importorskip("torchvision")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP workers spin-wait and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

@@ -9,14 +9,6 @@ import revwire
 D = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Branch(nn.Module):
     def __init__(self, d=D):
         super().__init__()

@@ -10,15 +10,6 @@ from revwire import specs
 from revwire.errors import InputError, SpecError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs on a shared CPU: one intra-op thread (OpenMP spin-waits cost more than they give)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A user's own model file, importable as `revwire_spec_models`."""

@@ -7,16 +7,6 @@ from torch import fx, nn
 import revwire
 from revwire.trace import RewireTracer, reads_training_flag, trace
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP workers spin-wait and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 class Branch(nn.Module):
     def __init__(self, d=4):
         super().__init__()
