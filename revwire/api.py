@@ -108,7 +108,8 @@ def rewire(
         name = f"revwire_stage{k}"
         try:
             stage = emit_chain(gm, chain, name, _block_label, engine=engine, stream_dtype=stream_dtype,
-                               check_finite=check_finite)
+                               check_finite=check_finite,
+                               keep_last=k == len(found.chains) - 1)  # see ReversibleStage
         except _Unsupported as e:
             report.skipped.append(SkippedInfo(where(chain.output), f"chain not emitted: {e}"))
             continue

@@ -50,6 +50,10 @@ class ReversibleStage(nn.Module):
             `metas` holds one meta tensor per segment so far (a segment is a run of
             blocks between two transitions): code traced from a model may read the
             shape of an earlier stream (`B, H, W, C = x.shape`), which no longer exists.
+        keep_last: run the last block with grad in forward and keep its activations, so
+            backward need not recompute it (one block's memory for 1/N of the recompute).
+            Worth it for the model's last stage; an earlier stage would hold them while
+            every later stage runs, raising the peak.
         debug: also store every stream in forward (memory grows with depth, as with
             autograd) and record, per block, the relative error of its reconstruction
             in `last_reconstruction_error`.
@@ -67,6 +71,7 @@ class ReversibleStage(nn.Module):
         stream_dtype: Optional[torch.dtype] = None,
         check_finite: bool = True,
         shape_context: bool = False,
+        keep_last: bool = True,
         debug: bool = False,
     ):
         super().__init__()
@@ -91,6 +96,7 @@ class ReversibleStage(nn.Module):
         self.stream_dtype = stream_dtype
         self.check_finite = check_finite
         self.shape_context = shape_context
+        self.keep_last = keep_last
         self._segment_of, segment = [], 0
         for i in range(len(blocks)):
             self._segment_of.append(segment)
@@ -223,6 +229,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.rng = []
         ctx.shapes = []  # stream shape before each transition
         ctx.streams = [] if stage.debug else None
+        ctx.last = None
         ctx.aux = tuple(_TENSOR if isinstance(t, torch.Tensor) else t for t in aux)
         n_aux = sum(isinstance(t, torch.Tensor) for t in aux)
         with torch.no_grad():
@@ -232,7 +239,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 ctx.rng.append(RngState.capture(x.device))
                 if stage.debug:
                     ctx.streams.append(a.clone())  # x_{i-2}, as backward will reconstruct it
-                if i == n - 1:
+                if i == n - 1 and stage.keep_last:
                     # The last block runs with grad now, so backward need not recompute it:
                     # one block's activations are stored, whatever the depth.
                     last_aux = _with_aliases(aux)

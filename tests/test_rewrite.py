@@ -223,3 +223,10 @@ def test_values_computed_before_the_chain_reach_every_block_with_their_gradients
     longer = torch.randn(3, 7, 8, dtype=torch.double)
     revwire.set_engine(rev, "reversible")
     assert rev(longer).shape == (3, 7, 8)
+
+
+def test_only_the_last_stage_keeps_its_last_block():
+    # an earlier stage holding a block's activations would hold them while later stages run
+    timm = pytest.importorskip("timm")
+    rev = revwire.rewire(timm.create_model("resnet50", pretrained=False), torch.randn(1, 3, 32, 32))
+    assert [s.keep_last for s in revwire.stages(rev)] == [False, False, False, True]
