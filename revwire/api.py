@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import fx, nn
 
+from .engine import stages
 from .errors import InputError, NoChainError, RewireError
 from .match import Residual, match, where
 from .report import ChainInfo, Report, SkippedInfo
@@ -133,7 +134,10 @@ def rewire(
         gm._modules[info.name] = gm._modules.pop(info.name)
     gm.graph.lint()
     gm.recompile()
-    gm.train(model.training)
+    # the root's flag only: `gm.train()` would also reset the modes of the user's modules
+    gm.training = model.training
+    for stage in stages(gm):
+        stage.training = model.training
     _copy_plain_attributes(model, gm)
     _check_same_parameters(model, gm)
     options = {

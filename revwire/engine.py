@@ -71,7 +71,7 @@ class ReversibleStage(nn.Module):
         stream_dtype: Optional[torch.dtype] = None,
         check_finite: bool = True,
         shape_context: bool = False,
-        keep_last: bool = True,
+        keep_last: bool = False,
         debug: bool = False,
     ):
         super().__init__()

@@ -87,7 +87,7 @@ class MatchResult:
 
 def is_metadata(node: fx.Node) -> bool:
     """A node whose value describes a tensor without reading it (x.shape, x.size(0), B * H,
-    x.dtype, x.device): it moves freely between equal-shaped values."""
+    x.dtype, x.device): it reads no values, so any tensor described alike can stand in."""
     return node.meta.get("revwire_is_metadata", False)
 
 
@@ -101,6 +101,16 @@ def _classify_metadata(graph: fx.Graph) -> None:
         n.meta["revwire_is_constant"] = n.op == "get_attr" or (
             n.op in ("call_function", "call_method")
             and all(i.meta.get("revwire_is_constant") for i in n.all_input_nodes))
+
+
+def same_description(a: fx.Node, b: fx.Node, reader: fx.Node) -> bool:
+    """Whether `reader` (a shape, dtype or device read) gives the same for `a` and `b`."""
+    attr = reader.args[1] if reader.target is getattr else None
+    if attr == "dtype":
+        return a.meta.get(DTYPE) == b.meta.get(DTYPE)
+    if attr == "device":
+        return True  # one chain's values live on one device
+    return a.meta.get(SHAPE) == b.meta.get(SHAPE)
 
 
 def is_constant(node: fx.Node) -> bool:
@@ -238,7 +248,7 @@ def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node,
                 continue
             if is_metadata(u) and _meta_users_within(u, branch | {add}):
                 continue
-            if metadata_source(u) is n and n.meta.get(SHAPE) == skip.meta[SHAPE]:
+            if metadata_source(u) is n and same_description(n, skip, u):
                 # a later block reads the shape of a value inside this branch: the skip has it too
                 u.replace_input_with(n, skip)
                 continue

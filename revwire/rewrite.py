@@ -11,7 +11,9 @@ from typing import Dict, List, Optional, Set
 from torch import fx
 
 from .engine import ReversibleStage
-from .match import Chain, _metadata_sources, is_constant, is_dead_pure, is_metadata, metadata_source
+from .errors import RewireError
+from .match import (Chain, _metadata_sources, is_constant, is_dead_pure, is_metadata, metadata_source,
+                    same_description)
 from .shapes import SHAPE
 
 
@@ -92,7 +94,24 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
         env[add] = out
         out = graph.node_copy(act, lambda a: env[a])
     graph.output(out)
+    _read_attributes_live(graph)
     return fx.GraphModule(root, graph, "RevwireBlock")
+
+
+def _read_attributes_live(graph: fx.Graph) -> None:
+    """`get_attr("a.b.weight")` becomes `getattr(get_attr("a.b"), "weight")`.
+
+    A GraphModule copies the tensors its get_attr nodes name; a block is not registered
+    in the model, so after `model.to(...)` (which replaces buffers) or `.eval()` (a
+    module's `training` flag) its copies would be stale. Read through the module instead.
+    """
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and "." in node.target:
+            owner, name = node.target.rsplit(".", 1)
+            with graph.inserting_before(node):
+                live = graph.call_function(getattr, (graph.get_attr(owner), name))
+            node.replace_all_uses_with(live)
+            graph.erase_node(node)
 
 
 def _uses_segments(gm: fx.GraphModule) -> bool:
@@ -119,7 +138,7 @@ def _outer_metadata_fixups(chain: Chain, owned: Set[fx.Node]) -> List[tuple]:
                 continue
             if _all_users_within(user, owned):
                 continue  # erased with the chain
-            if node.meta[SHAPE] == chain.input.meta[SHAPE]:
+            if same_description(node, chain.input, user):
                 fixes.append((user, node))
             else:
                 raise _Unsupported(f"the shape of '{node.name}' (inside the chain) is read by '{user.name}' outside it")
@@ -175,7 +194,8 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
 
 
 def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
-    """Erase the chain's nodes, then the shape reads and constants only they used."""
+    """Erase the chain's nodes, then the shape reads and constants only they used (the
+    blocks compute their own copies)."""
     for node in reversed([n for n in graph.nodes if n in owned]):
         for user in list(node.users):
             if user not in owned:
@@ -185,7 +205,7 @@ def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
     while changed:  # parameters and constants that only the chain read
         changed = False
         for node in reversed(list(graph.nodes)):
-            if not node.users and (node.op == "get_attr" or is_metadata(node)):
+            if not node.users and (is_constant(node) or is_metadata(node)):
                 graph.erase_node(node)
                 changed = True
 
@@ -194,5 +214,5 @@ def _erase_pure_tree(graph: fx.Graph, node: fx.Node) -> None:
     for user in list(node.users):
         _erase_pure_tree(graph, user)
     if not (is_metadata(node) or is_dead_pure(node)):
-        raise AssertionError(f"revwire internal error: '{node.name}' still reads a rewired value")
+        raise RewireError(f"revwire internal error: '{node.name}' still reads a rewired value")
     graph.erase_node(node)

@@ -118,6 +118,7 @@ def trace(model: nn.Module, n_inputs: int, *, leaf_modules: Sequence[type] = (),
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises anything: TraceError, TypeError, RuntimeError, ...
+        _take_tensor_constants(model)  # leave the user's model as it was
         where = tracer.path_stack[-1] if tracer.path_stack else "<model forward>"
         where = where or "<model forward>"
         raise TraceError(
@@ -129,11 +130,31 @@ def trace(model: nn.Module, n_inputs: int, *, leaf_modules: Sequence[type] = (),
     _bind_functional_dropout(graph)
     _keep_argument_names(graph, concrete)
     _replace_none_asserts(graph)
-    constants = _take_tensor_constants(model)
-    gm = fx.GraphModule(_mirror(model, constants), graph, type(model).__name__)
-    gm._non_persistent_buffers_set.update(constants)  # not part of the model's state_dict
+    # tensors the graph reads that are neither parameters nor buffers: fx's constants, and
+    # plain attributes (`self.mean = torch.zeros(3)`); not part of the model's state_dict
+    tensors = {**_take_tensor_constants(model), **_plain_tensors(model)}
+    gm = fx.GraphModule(_mirror(model, tensors), graph, type(model).__name__)
+    _adopt_hierarchy(gm, model)
+    gm._non_persistent_buffers_set.update(tensors)
     _inline_identities(gm)
     return gm
+
+
+def _adopt_hierarchy(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put `model`'s own children (and root parameters and buffers) into `gm`, in order.
+
+    GraphModule copies only what the graph names, into fresh intermediate modules:
+    the user's modules (their methods, attributes, unused children) would be lost, and
+    `state_dict()` keys could differ.
+    """
+    extra = {k: v for k, v in gm._modules.items() if k not in model._modules}
+    gm._modules.clear()
+    gm._modules.update(model._modules)
+    gm._modules.update(extra)
+    for name, p in model.named_parameters(recurse=False):
+        gm._parameters[name] = p
+    for name, b in model.named_buffers(recurse=False):
+        gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
 
 
 def _take_tensor_constants(model: nn.Module) -> dict:
@@ -144,7 +165,7 @@ def _take_tensor_constants(model: nn.Module) -> dict:
     return constants
 
 
-def _mirror(model: nn.Module, constants: dict) -> nn.Module:
+def _mirror(model: nn.Module, tensors: dict) -> nn.Module:
     """A root holding `model`'s own children, parameters and buffers, in its order.
 
     Built on it, the GraphModule registers every original module at its original
@@ -157,10 +178,15 @@ def _mirror(model: nn.Module, constants: dict) -> nn.Module:
         root.register_parameter(name, p)
     for name, b in model.named_buffers(recurse=False):
         root.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
-    for name, value in constants.items():
+    for name, value in tensors.items():
         setattr(root, name, value)
     root.training = model.training
     return root
+
+
+def _plain_tensors(model: nn.Module) -> dict:
+    """Tensors kept as plain attributes (`self.mean = torch.zeros(3)`), read by forward."""
+    return {k: v for k, v in vars(model).items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 
 
 @fx.wrap  # a leaf in any later trace, e.g. when a pickled GraphModule is rebuilt
@@ -214,12 +240,15 @@ def _inline_identities(gm: fx.GraphModule) -> None:
 def _bind_functional_dropout(graph: fx.Graph) -> None:
     """`F.dropout(x, training=self.training)` in a traced forward reads the model's flag at run time.
 
-    Tracing turns `self.training` into a constant; here it becomes the root's own
-    `training` attribute again, so `.train()` / `.eval()` on the result behave.
+    Tracing turns `self.training` into a constant; here it becomes the `training`
+    attribute of the module it is called in again, so `.train()` / `.eval()` on the
+    result behave.
     """
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUTS:
             if isinstance(node.kwargs.get("training"), bool):
+                stack = node.meta.get("nn_module_stack") or {}
+                owner = list(stack.values())[-1][0] if stack else ""
                 with graph.inserting_before(node):
-                    flag = graph.get_attr("training")
+                    flag = graph.get_attr(f"{owner}.training" if owner else "training")
                 node.update_kwarg("training", flag)

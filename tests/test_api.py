@@ -372,3 +372,55 @@ def test_engine_option_and_attributes():
     rev = revwire.rewire(model, torch.randn(2, 3, 32, 32), engine="autograd")
     assert all(s.engine == "autograd" for s in revwire.stages(rev))
     assert rev.num_classes == model.num_classes  # plain attributes users read are kept
+
+
+class ScaledBranch(nn.Module):
+    """Reads a buffer directly (a get_attr in the graph) and calls functional dropout."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.register_buffer("scale", torch.ones(d))
+        self.extra = nn.Linear(d, d)  # registered, never called
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), p=0.5, training=self.training) * self.scale
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(ScaledBranch() for _ in range(depth))
+        self.bn = nn.BatchNorm1d(D)
+        self.offset = torch.zeros(D)  # a plain tensor attribute, read by forward
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.bn(x) + self.offset
+
+
+def test_rewire_keeps_the_users_modules_their_modes_and_unused_children():
+    model = ScaledNet().train()
+    model.bn.eval()  # e.g. a frozen BatchNorm
+    rev = revwire.rewire(model, torch.randn(2, D))
+    assert model.bn.training is False and model.blocks[0].training is True
+    assert rev.get_submodule("blocks.0") is model.blocks[0]  # the user's own object
+    assert rev.get_submodule("blocks.1.extra") is model.blocks[1].extra
+    assert list(rev.state_dict()) == list(model.state_dict())
+
+
+def test_blocks_see_buffers_and_modes_as_they_are_now():
+    torch.manual_seed(0)
+    model = ScaledNet()
+    x = torch.randn(8, D)
+    rev = revwire.rewire(model, x)
+    rev.eval()  # functional dropout inside the stage's blocks turns off
+    torch.testing.assert_close(rev(x), rev(x), rtol=0, atol=0)
+    rev.double()  # buffers are replaced; the blocks must read the new ones
+    state = {k: (torch.zeros_like(v) if k.endswith("scale") else v) for k, v in rev.state_dict().items()}
+    rev.load_state_dict(state)
+    xd = x.double()
+    # every branch is now zero: each stream is the input, and so is the stage's output
+    expected = model.bn(xd) + model.offset.double()
+    torch.testing.assert_close(rev(xd), expected)

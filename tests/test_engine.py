@@ -137,10 +137,9 @@ def test_recompute_replays_the_forward_masks_and_steps_draw_new_ones():
             b.masks.clear()
         rng = torch.get_rng_state()
         res = run_step(stage, "reversible", x)
-        for b in blocks[:-1]:  # forward, then the recompute in backward: same mask
+        for b in blocks:  # forward, then the recompute in backward: same mask
             assert len(b.masks) == 2
             assert torch.equal(b.masks[0], b.masks[1])
-        assert len(blocks[-1].masks) == 1  # the last block keeps its graph: no recompute
         assert not torch.equal(blocks[0].masks[0], blocks[1].masks[0])  # per-block masks differ
         outs.append(res["out"])
         grads.append(res["grads"])
@@ -406,9 +405,7 @@ def test_stream_dtype_float64_with_float32_input():
     _, b64 = revwire.saved_tensor_bytes(stage, x, exclude=stage.parameters())
     stage.stream_dtype = None
     _, b32 = revwire.saved_tensor_bytes(stage, x, exclude=stage.parameters())
-    # float64 streams double the pair; the last block then stores its own float32 input
-    # (with float32 streams that input is the stream itself)
-    assert b64 - b32 == 2 * x.numel() * 4 + x.numel() * 4
+    assert b64 == 2 * b32 == 2 * 2 * x.numel() * 4
 
 
 def test_debug_records_reconstruction_error():
@@ -570,25 +567,26 @@ def test_saved_bytes_constant_in_depth_for_reversible_only():
     rev4, rev32 = _saved(4, "reversible"), _saved(32, "reversible")
     ag4, ag32 = _saved(4, "autograd"), _saved(32, "autograd")
     assert abs(rev32 - rev4) <= 0.1 * rev4
-    # the final pair of streams, plus the graph of the last residual (never recomputed),
-    # which is less than what one whole transformer block (two residuals) stores
-    pair = 2 * 2 * 16 * 32 * 4
-    assert pair < rev4 < pair + _saved(2, "autograd")
+    assert rev4 == 2 * 2 * 16 * 32 * 4  # just the final pair of streams
     assert ag32 > 6 * ag4
     assert ag32 > 20 * rev32
 
 
-def test_keep_last_false_recomputes_every_block_and_stores_only_the_streams():
+def test_keep_last_keeps_the_last_blocks_graph_instead_of_recomputing_it():
     torch.manual_seed(0)
-    stage = ReversibleStage(transformer_blocks(2, 32), keep_last=False)
-    x = torch.randn(2, 16, 32, requires_grad=True)
-    _, nbytes = revwire.saved_tensor_bytes(stage, x, exclude=list(stage.parameters()))
-    assert nbytes == 2 * x.numel() * 4  # the final pair of streams, nothing else
-    stage.double()
-    xd = x.detach().double().requires_grad_()
-    got = {}
-    for engine in ("autograd", "reversible"):
-        stage.engine = engine
-        got[engine] = torch.autograd.grad(stage(xd).square().sum(), [xd, *stage.parameters()])
-    for a, b in zip(got["autograd"], got["reversible"]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    blocks = [RecordingNoise(8) for _ in range(3)]
+    stage = ReversibleStage(blocks, keep_last=True).to(D)
+    x = torch.randn(4, 8, dtype=D, requires_grad=True)
+    rng = torch.get_rng_state()
+    rev = run_step(stage, "reversible", x)
+    assert [len(b.masks) for b in blocks] == [2, 2, 1]  # the last block ran once
+    torch.set_rng_state(rng)
+    ag = run_step(stage, "autograd", x)
+    assert rel(rev["out"], ag["out"]) <= 1e-12 and max_rel(rev["grads"], ag["grads"]) <= 1e-10
+    # what it stores: the pair of streams and the last block's graph, at any depth
+    sizes = []
+    for depth in (2, 8):
+        s = ReversibleStage(transformer_blocks(depth, 32), keep_last=True)
+        xs = torch.randn(2, 16, 32, requires_grad=True)
+        sizes.append(revwire.saved_tensor_bytes(s, xs, exclude=list(s.parameters()))[1])
+    assert sizes[0] == sizes[1] > 2 * xs.numel() * 4
