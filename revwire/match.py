@@ -110,6 +110,8 @@ def same_description(a: fx.Node, b: fx.Node, reader: fx.Node) -> bool:
         return a.meta.get(DTYPE) == b.meta.get(DTYPE)
     if attr == "device":
         return True  # one chain's values live on one device
+    if attr == "ndim" or (reader.op == "call_method" and reader.target == "dim"):
+        return len(a.meta.get(SHAPE, ())) == len(b.meta.get(SHAPE, ()))
     return a.meta.get(SHAPE) == b.meta.get(SHAPE)
 
 

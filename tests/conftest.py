@@ -147,3 +147,30 @@ def _one_thread():
 def small_cpu():
     """Seeded (and, as every test, on one intra-op thread)."""
     torch.manual_seed(0)
+
+
+class TanhBranch(nn.Module):
+    """The smallest residual branch: tanh(Linear(x))."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def perturb_weights(model, seed=0, scale=0.05, replace=False):
+    """Random weights unlike a fresh init (timm zero-inits the last BN of each ResNet
+    block), and BatchNorm statistics away from 0 / 1. `replace` draws weights afresh."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(noise) if replace else p.add_(noise)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import revwire
+from conftest import perturb_weights
 from revwire import checkpoint as ckpt
 from revwire.errors import CheckpointError, OutputError
 
@@ -55,16 +56,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    return model
+    return perturb_weights(model, seed, scale=0.3, replace=True)
 
 
 def _rewired(spec, **kwargs):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import revwire
+from conftest import perturb_weights
 from revwire import checkpoint as ckpt
 from revwire.cli import main
 
@@ -32,17 +33,7 @@ def _kwargs(items):
 
 
 def _perturb(model, seed):
-    """Random weights unlike a fresh init (timm zero-inits the last BN of each ResNet block)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    return model
+    return perturb_weights(model, seed)
 
 
 def _digest(path):

@@ -9,13 +9,7 @@ import revwire
 D = 4
 
 
-class Branch(nn.Module):
-    def __init__(self, d=D):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return torch.tanh(self.fc(x))
+from conftest import TanhBranch as Branch
 
 
 class Net(nn.Module):
