@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

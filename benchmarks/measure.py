@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from typing import Callable, List, Optional, Tuple
 

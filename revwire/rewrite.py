@@ -153,7 +153,6 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
     """Rewrite `gm.graph` in place so that `chain` runs as one ReversibleStage `name`."""
     owned = chain.owned()
     segments = _segments(chain)
-    n_segments = 1 + sum(1 for t in chain.transitions if t)
     fixes = _outer_metadata_fixups(chain, owned)
     internal = owned | set(segments)
     parts = []  # (stream in, output, segments it sees, act, add) of every block and transition

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -166,10 +166,10 @@ def _take_tensor_constants(model: nn.Module) -> dict:
 
 
 def _mirror(model: nn.Module, tensors: dict) -> nn.Module:
-    """A root holding `model`'s own children, parameters and buffers, in its order.
+    """A root from which GraphModule copies what the graph names: `model`'s children,
+    parameters and buffers, and the plain `tensors` the graph reads.
 
-    Built on it, the GraphModule registers every original module at its original
-    path (also those the graph never calls), so `state_dict()` keys stay the same.
+    (`_adopt_hierarchy` then puts the user's own modules in place.)
     """
     root = nn.Module()
     for name, child in model.named_children():
