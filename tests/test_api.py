@@ -2,7 +2,6 @@
 modes, dtype, copies, pickling, options and errors."""
 import copy
 import io
-import warnings
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ input and parameter gradients (rel <= 1e-7) and BatchNorm buffers after a train 
 and it saves less memory for backward.
 """
 import copy
-import warnings
 from unittest import mock
 
 import pytest
