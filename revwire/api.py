@@ -13,7 +13,7 @@ from .match import Residual, match, where
 from .report import ChainInfo, Report, SkippedInfo
 from .rewrite import _Unsupported, emit_chain
 from .shapes import SHAPE, propagate
-from .trace import trace
+from .trace import scope_of, trace
 
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
@@ -43,8 +43,7 @@ def _example_inputs(model: nn.Module, example_inputs) -> tuple:
 
 def _block_label(r: Residual) -> str:
     """`scope [first module of the branch]`, e.g. `blocks.3 [norm2]` or `layer1.1 [conv1]`."""
-    stack = r.add.meta.get("nn_module_stack") or {}
-    scope = list(stack.values())[-1][0] if stack else ""
+    scope = scope_of(r.add)
     for node in r.add.graph.nodes:
         if node not in r.branch:
             continue

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .shapes import DTYPE, SHAPE, VALUE
+from .trace import scope_of
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _METADATA_METHODS = {"size", "dim", "numel"}
@@ -281,8 +282,7 @@ def _meta_users_within(node: fx.Node, allowed: Set[fx.Node]) -> bool:
 
 def where(node: fx.Node) -> str:
     """The module path a node was traced in, and its name: `layer1.0 (add)`."""
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = list(stack.values())[-1][0] if stack else ""
+    scope = scope_of(node)
     return f"{scope} ({node.name})" if scope else node.name
 
 

@@ -237,6 +237,12 @@ def _inline_identities(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def scope_of(node: fx.Node) -> str:
+    """The path of the innermost module `node` was traced in ("" at the model's top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
 def _bind_functional_dropout(graph: fx.Graph) -> None:
     """`F.dropout(x, training=self.training)` in a traced forward reads the model's flag at run time.
 
@@ -247,8 +253,7 @@ def _bind_functional_dropout(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUTS:
             if isinstance(node.kwargs.get("training"), bool):
-                stack = node.meta.get("nn_module_stack") or {}
-                owner = list(stack.values())[-1][0] if stack else ""
+                owner = scope_of(node)
                 with graph.inserting_before(node):
                     flag = graph.get_attr(f"{owner}.training" if owner else "training")
                 node.update_kwarg("training", flag)
