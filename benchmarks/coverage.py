@@ -110,7 +110,7 @@ def _candidates(gm) -> int:
     import operator
     import torch
     from torch import fx
-    from revwire.shapes import SHAPE
+    from revwire.compiler.shapes import info
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def reaches(src, dst):  # is src an ancestor of dst?
@@ -134,7 +134,7 @@ def _candidates(gm) -> int:
         a, b = n.args[:2]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        if SHAPE not in a.meta or SHAPE not in b.meta or a.meta[SHAPE] != b.meta[SHAPE]:
+        if not info(a).is_tensor or info(a).shape != info(b).shape:
             continue
         if reaches(a, b) or reaches(b, a):
             count += 1
@@ -245,8 +245,8 @@ def run_one(name: str, params_m, out_q) -> None:
     torch.set_num_threads(1)
     import revwire
     from revwire.errors import NoChainError, TraceError
-    from revwire.shapes import propagate
-    from revwire.trace import trace
+    from revwire.compiler.shapes import propagate
+    from revwire.compiler.trace import trace
     row = {k: "" for k in FIELDS}
     row["name"] = name
     t0 = time.time()

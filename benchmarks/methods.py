@@ -74,11 +74,10 @@ class Checkpointed(nn.Module):
 
 
 def residual_scopes(rev: nn.Module) -> List[str]:
-    """Module paths that contain the residual adds revwire converted (report labels)."""
+    """Module paths that contain the residual adds revwire converted."""
     scopes = []
     for chain in revwire.report(rev).chains:
-        for label in chain.blocks:
-            scope = label.split(" [", 1)[0] if " [" in label else label
+        for scope in chain.block_scopes:
             if scope and scope not in scopes:
                 scopes.append(scope)
     return scopes

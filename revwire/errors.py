@@ -39,3 +39,7 @@ class SpecError(RewireError):
 
 class OutputError(RewireError):
     """An output path exists (and overwriting was not asked for) or cannot be written."""
+
+
+class OptionError(InputError, ValueError):
+    """A rewire option is unknown or has a wrong value (also a ValueError, as before)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 import revwire
 from conftest import perturb_weights
-from revwire import checkpoint as ckpt
+from revwire.tools import checkpoint as ckpt
 from revwire.errors import CheckpointError, OutputError
 
 MODULE = "revwire_ckpt_models"
@@ -243,7 +243,7 @@ def test_save_load_round_trip(tmp_path, user_module):
     model, rev = _rewired(user_module, width=8, depth=4)
     gate = __import__(MODULE).Gate
     path = tmp_path / "rev.pt"
-    revwire.save(rev, path, rewire_options={"leaf_modules": (gate,)})
+    revwire.save(rev, path)
     # Only JSON-able metadata and tensors: weights_only loading works.
     data = torch.load(path, weights_only=True)
     assert _sd_equal(data["state_dict"], model.state_dict())
@@ -278,11 +278,12 @@ def test_save_load_keeps_engine_and_options(tmp_path, user_module):
     rev = revwire.rewire(model, torch.randn(2, 8), leaf_modules=(gate,), min_blocks=3,
                          stream_dtype=torch.float64)
     revwire.set_engine(rev, "autograd")
-    revwire.save(rev, tmp_path / "rev.pt", rewire_options={"leaf_modules": [gate]})
+    revwire.save(rev, tmp_path / "rev.pt")
     rev2 = revwire.load(tmp_path / "rev.pt", trust_code=True)
     (stage,) = revwire.stages(rev2)
     assert stage.engine == "autograd" and stage.stream_dtype == torch.float64
-    assert rev2.revwire_options["min_blocks"] == 3
+    assert rev2.revwire_options == rev.revwire_options
+    assert rev2.revwire_options.min_blocks == 3 and rev2.revwire_options.leaf_modules == (gate,)
 
 
 def test_save_needs_a_spec(tmp_path, user_module):
@@ -292,7 +293,7 @@ def test_save_needs_a_spec(tmp_path, user_module):
     with pytest.raises(CheckpointError, match="cannot tell how to rebuild this model"):
         revwire.save(rev, tmp_path / "rev.pt")
     assert not (tmp_path / "rev.pt").exists()
-    revwire.save(rev, tmp_path / "rev.pt", spec=user_module, rewire_options={"leaf_modules": [gate]})
+    revwire.save(rev, tmp_path / "rev.pt", spec=user_module)
     assert _sd_equal(revwire.load(tmp_path / "rev.pt", trust_code=True).state_dict(), plain.state_dict())
     with pytest.raises(CheckpointError, match="not made by revwire.rewire"):
         revwire.save(plain, tmp_path / "x.pt", spec=user_module)
@@ -305,7 +306,7 @@ def test_load_refuses_other_files(tmp_path, user_module):
     with pytest.raises(CheckpointError, match="is not a revwire file"):
         revwire.load(tmp_path / "plain.pth")
     model, rev = _rewired(user_module)
-    revwire.save(rev, tmp_path / "rev.pt", rewire_options={"leaf_modules": [__import__(MODULE).Gate]})
+    revwire.save(rev, tmp_path / "rev.pt")
     data = torch.load(tmp_path / "rev.pt", weights_only=True)
     torch.save(dict(data, format_version=99), tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="newer format"):
@@ -320,7 +321,7 @@ def test_load_refuses_other_files(tmp_path, user_module):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_export_state_dict(tmp_path, user_module, suffix):
     model, rev = _rewired(user_module)
-    revwire.save(rev, tmp_path / "rev.pt", rewire_options={"leaf_modules": [__import__(MODULE).Gate]})
+    revwire.save(rev, tmp_path / "rev.pt")
     before = _digest(tmp_path / "rev.pt")
     out = tmp_path / f"plain{suffix}"
     assert revwire.export_state_dict(tmp_path / "rev.pt", out) == len(model.state_dict())

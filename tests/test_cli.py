@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import revwire
 from conftest import perturb_weights
-from revwire import checkpoint as ckpt
-from revwire.cli import main
+from revwire.tools import checkpoint as ckpt
+from revwire.tools.cli import main
 
 MODULE = "revwire_cli_models"
 
@@ -27,7 +27,7 @@ MODELS = {
 
 
 def _kwargs(items):
-    from revwire.specs import parse_model_kwargs
+    from revwire.tools.specs import parse_model_kwargs
 
     return parse_model_kwargs(items)
 
@@ -226,7 +226,7 @@ def test_leaf_module_option_is_kept(tmp_path, capsys, user_module):
 
 
 def test_verify_failure_writes_nothing(tmp_path, capsys, user_module, monkeypatch):
-    import revwire.cli as cli
+    import revwire.tools.cli as cli
 
     real = cli.verify
     monkeypatch.setattr(cli, "verify", lambda *a, **k: dict(real(*a, **k), ok=False))

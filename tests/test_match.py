@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 import revwire
 
-from revwire.match import match
-from revwire.shapes import propagate
-from revwire.trace import trace
+from revwire.compiler.match import match
+from revwire.compiler.shapes import propagate
+from revwire.compiler.trace import trace
 
 D = 4
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from revwire.replay import AutocastState, RngState, frozen_running_stats, stat_tracking_norms
+from revwire.runtime.replay import AutocastState, RngState, frozen_running_stats, stat_tracking_norms
 
 pytestmark = pytest.mark.usefixtures("small_cpu")
 

@@ -1,4 +1,5 @@
 """Model specs: parsing, building, recorded specs, default inputs (issue 4, item 2)."""
+import copy
 import textwrap
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import revwire
-from revwire import specs
+from revwire.tools import specs
 from revwire.errors import InputError, SpecError
 
 
@@ -156,13 +157,15 @@ def test_default_input_uses_recorded_spec_and_leaves_global_rng_alone():
         revwire.default_input(m, batch=0)
 
 
-def test_spec_found_from_rewired_model(user_module):
+def test_spec_travels_with_the_model_object(user_module):
     m = revwire.build_model(f"module:{user_module}:make", {"depth": 3})
     rev = revwire.rewire(m, torch.randn(2, 8))
     assert specs.spec_of(rev) == {"spec": f"module:{user_module}:make", "model_kwargs": {"depth": 3}}
-    # Found through the shared parameters even when the attribute is not carried over.
-    rev.__dict__.pop(specs.SPEC_ATTR, None)
-    assert specs.spec_of(rev)["spec"] == f"module:{user_module}:make"
+    assert specs.spec_of(copy.deepcopy(rev)) == specs.spec_of(rev)
+    # A model that merely contains (or shares parameters with) a built model is not that model.
+    assert specs.spec_of(nn.Sequential(m, nn.Linear(8, 2))) is None
+    rev.__dict__.pop(specs.SPEC_ATTR)
+    assert specs.spec_of(rev) is None
     assert specs.spec_of(nn.Linear(2, 2)) is None
 
 

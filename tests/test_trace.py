@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import revwire
-from revwire.trace import RewireTracer, reads_training_flag, trace
+from revwire.compiler.trace import RewireTracer, reads_training_flag, trace
 
 from conftest import TanhBranch as Branch
 

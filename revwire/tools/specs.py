@@ -9,27 +9,19 @@ it, and `default_input` makes a random input of the model's own size (timm
 from __future__ import annotations
 
 import ast
-import difflib
-import importlib
 import json
-import os
 import re
-import sys
-import weakref
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .errors import InputError, SpecError
+from ..errors import InputError, SpecError
+from ..options import did_you_mean, resolve_name
 
 KINDS = ("timm", "torchvision", "module")
 SPEC_ATTR = "revwire_spec"
 
-# Spec records of the models built here, keyed by the id of one of their parameters:
-# `rewire` returns a new module whose parameters are the original's objects, so the
-# record can be found from the rewired model even when it does not copy attributes.
-_BY_PARAM: Dict[int, Tuple["weakref.ref", Dict[str, Any]]] = {}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -110,21 +102,13 @@ def parse_input_size(text: str) -> Tuple[int, ...]:
 # --------------------------------------------------------------------------- building
 
 
-def _suggest(name: str, names: Sequence[str], n: int = 3) -> str:
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
-    if not close:
-        low = name.lower()
-        close = [m for m in names if low in m][:n]
-    return f"; did you mean {', '.join(close)}?" if close else ""
-
-
 def _timm_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
     import timm
     from timm.models import split_model_name_tag
 
     arch, _tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        raise SpecError(f"unknown timm model {name!r}{_suggest(arch, timm.list_models())}")
+        raise SpecError(f"unknown timm model {name!r}{did_you_mean(arch, timm.list_models())}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
@@ -145,39 +129,11 @@ def _torchvision_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> n
                 f"factory of your own and use module:package.module:factory"
             )
         raise SpecError(
-            f"unknown torchvision model {name!r}{_suggest(name, list(classification) + list(video))}"
+            f"unknown torchvision model {name!r}{did_you_mean(name, list(classification) + list(video))}"
         )
     if pretrained:
         kwargs = dict(kwargs, weights="DEFAULT")
     return tvm.get_model(name, **kwargs)
-
-
-def _resolve(path: str) -> Any:
-    """Import `package.module:attr.attr` and return the attribute."""
-    mod_name, _, attr = path.partition(":")
-    added = False
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)  # like `python -m`: the user's own modules are importable
-        added = True
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SpecError(f"cannot import module {mod_name!r}: {e}") from None
-    except Exception as e:  # an error inside the user's module
-        raise SpecError(f"importing module {mod_name!r} failed: {type(e).__name__}: {e}") from None
-    finally:
-        if added:
-            try:
-                sys.path.remove(cwd)
-            except ValueError:
-                pass
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            raise SpecError(f"module {mod_name!r} has no attribute {attr!r}{_suggest(part, names)}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def _module_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
@@ -186,7 +142,7 @@ def _module_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Mod
             f"--pretrained works for timm: and torchvision: specs only; load the weights of "
             f"module:{name} with --checkpoint PATH"
         )
-    factory = _resolve(name)
+    factory = resolve_name(name)
     if not callable(factory):
         raise SpecError(f"module:{name} is not callable: it must be a function or class returning an nn.Module")
     return factory(**kwargs)
@@ -222,30 +178,20 @@ def build_model(spec: str, model_kwargs: Optional[Mapping[str, Any]] = None, *, 
 
 
 def record_spec(model: nn.Module, spec: str, model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """Attach a spec record to `model` (and to its parameters, see `spec_of`)."""
+    """Attach a spec record to `model` (`rewire` carries it to the rewired model)."""
     parse_spec(spec)
     kwargs = dict(model_kwargs or {})
     _check_jsonable(kwargs, "model arguments")
     record = {"spec": spec, "model_kwargs": kwargs}
     model.__dict__[SPEC_ATTR] = record  # a plain attribute, not a submodule or buffer
-    for p in model.parameters():
-        _BY_PARAM[id(p)] = (weakref.ref(p), record)
-        weakref.finalize(p, _BY_PARAM.pop, id(p), None)
-        break
     return record
 
 
 def spec_of(model: nn.Module) -> Optional[Dict[str, Any]]:
-    """The spec record of `model`, or of the model built by `build_model` whose
-    parameters it uses (a rewired model); None when unknown."""
+    """The spec record `build_model` attached to `model` (or `rewire` carried over to its
+    rewired twin); None when unknown."""
     record = getattr(model, SPEC_ATTR, None)
-    if isinstance(record, dict):
-        return record
-    for p in model.parameters():
-        entry = _BY_PARAM.get(id(p))
-        if entry is not None and entry[0]() is p:
-            return entry[1]
-    return None
+    return record if isinstance(record, dict) else None
 
 
 # --------------------------------------------------------------------------- inputs

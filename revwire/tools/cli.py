@@ -11,9 +11,9 @@ stderr and exit status 2; nothing is written and no input is modified.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -21,8 +21,15 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from . import __version__
-from .errors import CheckpointError, InputError, RewireError, SpecError
+from .. import __version__
+from ..api import report, rewire
+from ..errors import CheckpointError, InputError, RewireError, SpecError
+from ..options import RewireOptions
+from ..runtime.meter import cuda_step_peak, model_saved_bytes
+from ..runtime.verify import restore_buffers, snapshot_buffers, verify
+from .checkpoint import check_input_file, check_output_path, export_state_dict, load_weights, save
+from .specs import (build_model, default_input, fit_input_size, parse_input_size, parse_model_kwargs,
+                    parse_spec)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -64,31 +71,18 @@ class _Output:
             print(summary)
 
 
-def _rewire_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """Only the options the user set: the compiler's defaults stay its own."""
-    from .specs import _resolve
-
-    opts: Dict[str, Any] = {}
-    if args.min_blocks is not None:
-        opts["min_blocks"] = args.min_blocks
-    if args.post_activation is not None:
-        opts["post_activation"] = args.post_activation
-    if args.stream_dtype is not None:
-        opts["stream_dtype"] = getattr(torch, args.stream_dtype)
-    for flag, key in (("leaf_module", "leaf_modules"), ("autowrap", "autowrap_functions")):
-        paths = getattr(args, flag) or []
-        for p in paths:
-            if ":" not in p:
-                raise SpecError(f"--{flag.replace('_', '-')} {p!r}: write package.module:Name")
-        if paths:
-            opts[key] = tuple(_resolve(p) for p in paths)
-    return opts
+def _rewire_options(args: argparse.Namespace) -> RewireOptions:
+    """The options the user set, read as a revwire file's options are (one decoder)."""
+    given = {}
+    for f in dataclasses.fields(RewireOptions):
+        value = getattr(args, f.name, None)
+        if f.metadata["flag"] and value is not None:
+            given[f.name] = value
+    return RewireOptions.from_dict(given)
 
 
 def _build(args: argparse.Namespace, *, pretrained: bool = False):
     """The model (random weights, or pretrained) and its example input."""
-    from .specs import build_model, default_input, fit_input_size, parse_model_kwargs
-
     kwargs, note = fit_input_size(args.spec, parse_model_kwargs(args.model_kwargs), args.input_size)
     if note and not (args.quiet or args.json):
         print(f"note: {note}")
@@ -102,8 +96,6 @@ def _build(args: argparse.Namespace, *, pretrained: bool = False):
 
 
 def _build_pretrained(spec: str, kwargs: Dict[str, Any]):
-    from .specs import build_model, parse_spec
-
     kind, _ = parse_spec(spec)
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
@@ -120,19 +112,6 @@ def _build_pretrained(spec: str, kwargs: Dict[str, Any]):
         ) from None
     finally:
         hub_logger.setLevel(level)
-
-
-def _rewire(model, x, opts):
-    from . import rewire
-
-    return rewire(model, x, **opts)
-
-
-def _report(rev):
-    from . import report
-
-    rep = report(rev)
-    return rep, rep.to_dict()
 
 
 def _chain_summary(rep_dict: Dict[str, Any]) -> str:
@@ -163,119 +142,6 @@ def _forward_guard(what: str, x: torch.Tensor):
     return _Guard()
 
 
-def _snapshot_buffers(model) -> Dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
-
-
-def _restore_buffers(model, snapshot: Dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n in snapshot:
-                b.copy_(snapshot[n])
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _cpu_saved_bytes(model, x) -> int:
-    from .meter import model_saved_bytes
-
-    model.train()
-    return model_saved_bytes(model, x)
-
-
-def _cuda_step_peak(model, x) -> Dict[str, int]:
-    """Peak CUDA memory of one full training step (forward, backward, SGD step),
-    after one warm-up step."""
-    from torch.utils._pytree import tree_leaves
-
-    from .meter import cuda_peak_bytes
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    model.train()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = sum(t.float().mean() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
-        loss.backward()
-        opt.step()
-
-    step()
-    opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    _, peak = cuda_peak_bytes(step)
-    opt.zero_grad(set_to_none=True)
-    return {"peak": int(peak), "before_step": int(before)}
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def verify(rev, x: torch.Tensor, *, seed: int = 0, tolerance: float = 1e-3) -> Dict[str, Any]:
-    """Compare the reversible engine with the autograd engine on one training step of
-    `rev` on `x` (same RNG seed for both): outputs, the input's and every parameter's
-    gradient. Buffers (BatchNorm statistics), the engine, the train/eval mode and the
-    global RNG are left as they were. Returns a JSON-able dict with `ok`."""
-    from torch.utils._pytree import tree_leaves
-
-    from .engine import set_engine, stages
-
-    engines_before = [s.engine for s in stages(rev)]
-    was_training = rev.training
-    snapshot = _snapshot_buffers(rev)
-    named = [(n, p) for n, p in rev.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    results = {}
-    try:
-        for engine in ("autograd", "reversible"):
-            set_engine(rev, engine)
-            _restore_buffers(rev, snapshot)
-            rev.train()
-            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                torch.manual_seed(seed)
-                xi = x.detach().clone().requires_grad_(True)
-                outs = [t for t in tree_leaves(rev(xi)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-                gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-                loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
-                grads = torch.autograd.grad(loss, [xi, *params], allow_unused=True)
-            results[engine] = ([o.detach() for o in outs], grads)
-    finally:
-        _restore_buffers(rev, snapshot)
-        for s, e in zip(stages(rev), engines_before):
-            s.engine = e
-        rev.train(was_training)
-
-    def rel(a, b):
-        if a is None and b is None:
-            return 0.0
-        if a is None or b is None:
-            return math.inf
-        a, b = a.double(), b.double()
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-    (ref_out, ref_g), (rev_out, rev_g) = results["autograd"], results["reversible"]
-    out_err = max((rel(a, b) for a, b in zip(rev_out, ref_out)), default=0.0)
-    input_err = rel(rev_g[0], ref_g[0])
-    param_errs = [(rel(a, b), n) for n, a, b in zip(names, rev_g[1:], ref_g[1:])]
-    worst = max(param_errs, default=(0.0, None))
-    finite = all(math.isfinite(e) for e, _ in param_errs) and math.isfinite(input_err)
-    max_err = max(out_err, input_err, worst[0])
-    return {
-        "ok": bool(finite and max_err <= tolerance),
-        "tolerance": tolerance,
-        "input_shape": list(x.shape),
-        "seed": seed,
-        "output_rel_error": out_err,
-        "input_grad_rel_error": input_err,
-        "param_grad_max_rel_error": worst[0],
-        "worst_param": worst[1],
-        "num_params": len(param_errs),
-    }
-
-
 def _verify_line(v: Dict[str, Any]) -> str:
     shape = "x".join(map(str, v["input_shape"]))
     status = "ok" if v["ok"] else "FAILED"
@@ -296,27 +162,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise InputError("--device cuda: no CUDA device is available; measure on the CPU (the default)")
     shape = "x".join(map(str, x.shape))
     with _forward_guard(f"rewiring {args.spec}", x):
-        rev = _rewire(model, x, opts)
-    rep, rep_dict = _report(rev)
+        rev = rewire(model, x, opts)
+    rep = report(rev)
+    rep_dict = rep.to_dict()
     memory: Dict[str, Any] = {"device": args.device}
     if args.device == "cpu":
         memory["metric"] = "bytes autograd saves during one training forward (parameters excluded)"
         with _forward_guard(f"a training forward of {args.spec}", x):
-            memory["original"] = _cpu_saved_bytes(model, x)
-            memory["rewired"] = _cpu_saved_bytes(rev, x)
+            memory["original"] = model_saved_bytes(model.train(), x)
+            memory["rewired"] = model_saved_bytes(rev.train(), x)
     else:
         memory["metric"] = "peak CUDA memory of one training step (forward, backward, SGD step)"
         model.cuda()
         rev.cuda()  # shares the parameters; moves its own constants, if any
         xc = x.cuda()
         with _forward_guard(f"a training step of {args.spec}", x):
-            orig = _cuda_step_peak(model, xc)
-            new = _cuda_step_peak(rev, xc)
+            orig = cuda_step_peak(model, xc)
+            new = cuda_step_peak(rev, xc)
         memory.update(original=orig["peak"], rewired=new["peak"],
                       original_before_step=orig["before_step"], rewired_before_step=new["before_step"])
     memory["ratio"] = memory["rewired"] / memory["original"] if memory["original"] else None
     data = {"spec": args.spec, "model_kwargs": kwargs, "input_shape": list(x.shape),
-            "rewire_options": _jsonable_options(rev, opts), "report": rep_dict, "memory": memory}
+            "rewire_options": opts.to_dict(), "report": rep_dict, "memory": memory}
     ratio = f"{memory['ratio']:.0%} of original" if memory["ratio"] is not None else "n/a"
     what = "saved activations" if args.device == "cpu" else "peak CUDA memory"
     summary = (f"{args.spec}: {_chain_summary(rep_dict)}; {what} {_mib(memory['original'])} -> "
@@ -329,24 +196,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _jsonable_options(rev, opts: Dict[str, Any]) -> Dict[str, Any]:
-    from .checkpoint import _encode_options
-
-    merged = dict(getattr(rev, "revwire_options", {}) or {}, **opts)
-    try:
-        return _encode_options(merged)
-    except RewireError:
-        return {k: str(v) for k, v in merged.items()}
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import _check_input_file, check_output_path, load_weights, save
-
     out = _Output(args)
     # Fail fast, before any expensive work, on what can be checked up front.
     check_output_path(args.output, overwrite=args.force, inputs=[args.checkpoint] if args.checkpoint else [])
     if args.checkpoint:
-        _check_input_file(args.checkpoint)
+        check_input_file(args.checkpoint)
     opts = _rewire_options(args)
     if args.random_init:
         torch.manual_seed(args.seed)  # reproducible random weights
@@ -363,11 +218,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         source = {"random_init": True, "seed": args.seed}
         out.say(f"{args.spec}: random weights (--random-init)")
-    buffers = _snapshot_buffers(model)  # the weights written are the ones loaded
+    buffers = snapshot_buffers(model)  # the weights written are the ones loaded
     with _forward_guard(f"rewiring {args.spec}", x):
-        rev = _rewire(model, x, opts)
-    _restore_buffers(rev, buffers)
-    rep, rep_dict = _report(rev)
+        rev = rewire(model, x, opts)
+    restore_buffers(rev, buffers)
+    rep = report(rev)
+    rep_dict = rep.to_dict()
     out.say(str(rep))
     verified = None
     if args.verify:
@@ -382,9 +238,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         out.say(line)
     save(rev, args.output, overwrite=args.force, spec=args.spec, model_kwargs=kwargs,
-         input_shapes=[list(x.shape)], rewire_options=opts, extra={"source": source, "verify": verified})
+         input_shapes=[list(x.shape)], extra={"source": source, "verify": verified})
     data = {"spec": args.spec, "model_kwargs": kwargs, "output": args.output, "bytes": os.path.getsize(args.output),
-            "source": source, "input_shape": list(x.shape), "rewire_options": _jsonable_options(rev, opts),
+            "source": source, "input_shape": list(x.shape), "rewire_options": opts.to_dict(),
             "report": rep_dict, "verify": verified}
     out.say(f"wrote {args.output} ({_size(args.output)})")
     out.emit(data)
@@ -392,8 +248,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_state_dict
-
     out = _Output(args)
     n = export_state_dict(args.source, args.output, overwrite=args.force)
     out.say(f"wrote {args.output} ({n} tensors, {_size(args.output)}): a plain state_dict of the original architecture")
@@ -409,8 +263,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _input_size(text: str):
-    from .specs import parse_input_size
-
     try:
         return parse_input_size(text)
     except InputError as e:
@@ -427,6 +279,26 @@ def _positive_int(text: str) -> int:
     return n
 
 
+_METAVARS = {"int": "N", "code": "PKG.MOD:NAME"}
+
+
+def _add_option_flags(group) -> None:
+    """One flag per `RewireOptions` field that names one (`dest` is the field's name)."""
+    for f in dataclasses.fields(RewireOptions):
+        flag, kind = f.metadata["flag"], f.metadata["kind"]
+        if not flag:
+            continue
+        extra: Dict[str, Any] = {"choices": f.metadata["choices"]} if f.metadata["choices"] else {}
+        if kind == "int":
+            extra["type"] = _positive_int
+        if kind == "code":
+            extra["action"] = "append"
+            doc = f"{f.metadata['doc']} (repeatable)"
+        else:
+            doc = f"{f.metadata['doc']} (default: {f.default})"
+        group.add_argument(flag, dest=f.name, metavar=_METAVARS.get(kind), help=doc, **extra)
+
+
 def _common(p: argparse.ArgumentParser, *, model: bool = True, json_output: bool = True) -> None:
     if model:
         p.add_argument("spec", metavar="SPEC",
@@ -438,17 +310,7 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, json_output: bool
                        help="per-sample input size, C,H,W or C,T,H,W (default: the model's own)")
         g.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="batch size (default: 1)")
         g.add_argument("--seed", type=int, default=0, help="seed of the random input / weights (default: 0)")
-        r = p.add_argument_group("rewiring (defaults: the compiler's)")
-        r.add_argument("--min-blocks", type=_positive_int, metavar="N",
-                       help="shortest chain to rewire (default: 2)")
-        r.add_argument("--post-activation", choices=("branch", "skip"),
-                       help="act(x + F(x)): move act into the branch, or skip the block (default: branch)")
-        r.add_argument("--stream-dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                       help="keep the reversible streams in this dtype")
-        r.add_argument("--leaf-module", action="append", metavar="PKG.MOD:CLASS",
-                       help="trace this module class as a leaf (repeatable)")
-        r.add_argument("--autowrap", action="append", metavar="PKG.MOD:FUNC",
-                       help="do not trace into this function (repeatable)")
+        _add_option_flags(p.add_argument_group("rewiring (defaults: the compiler's)"))
     o = p.add_argument_group("output")
     o.add_argument("-q", "--quiet", action="store_true", help="print only a one-line summary (or nothing)")
     if json_output:

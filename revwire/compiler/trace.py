@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence, Tuple
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 _FUNCTIONAL_DROPOUTS = {
     torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,

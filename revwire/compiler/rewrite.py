@@ -10,15 +10,47 @@ from typing import Dict, List, Optional, Set
 
 from torch import fx
 
-from .engine import ReversibleStage
-from .errors import RewireError
-from .match import (Chain, _metadata_sources, is_constant, is_dead_pure, is_metadata, metadata_source,
-                    same_description)
-from .shapes import SHAPE
+from ..errors import RewireError
+from ..options import RewireOptions
+from ..runtime.engine import ReversibleStage
+from .match import Chain, MatchResult, is_dead_pure, metadata_sources, same_description, where
+from .report import ChainInfo, Report, SkippedInfo, block_label, block_scope
+from .shapes import copy_info, info, metadata_source
 
 
 class _Unsupported(Exception):
     """The chain cannot be emitted; the message says why (it is reported, not raised)."""
+
+
+def rewrite(gm: fx.GraphModule, found: MatchResult, options: RewireOptions, model_name: str) -> Report:
+    """Replace every chain `match` found by a ReversibleStage `revwire_stage<k>`, in place.
+
+    Chains are emitted last first: emitting a chain replaces its output node, which may be
+    the next chain's input; in reverse, no chain ever holds a replaced node. The stages are
+    then registered in forward order. Only the model's last stage keeps its last block's
+    graph (`keep_last`): an earlier stage would hold it while every later stage runs.
+    """
+    report = Report(model_name, skipped=[SkippedInfo(s.where, s.reason) for s in found.skipped])
+    for k, chain in reversed(list(enumerate(found.chains))):
+        name = f"revwire_stage{k}"
+        try:
+            stage = emit_chain(gm, chain, name, engine=options.engine, stream_dtype=options.stream_dtype,
+                               check_finite=options.check_finite, keep_last=k == len(found.chains) - 1)
+        except _Unsupported as e:
+            report.skipped.append(SkippedInfo(where(chain.output), f"chain not emitted: {e}"))
+            continue
+        report.chains.insert(0, ChainInfo(
+            name=name,
+            blocks=list(stage.names),
+            block_scopes=[block_scope(r) for r in chain.residuals],
+            shape=list(info(chain.input).shape),
+            num_blocks=len(chain.residuals),
+            post_activations=sum(r.act is not None for r in chain.residuals),
+            transitions=sum(1 for t in chain.transitions if t),
+        ))
+    for c in report.chains:
+        gm._modules[c.name] = gm._modules.pop(c.name)
+    return report
 
 
 def _segments(chain: Chain) -> Dict[fx.Node, int]:
@@ -53,9 +85,9 @@ def _collect(stream_in: fx.Node, output: fx.Node, segments: Dict[fx.Node, int], 
                 shape_reads.add(node)
             elif dep in segments:
                 raise _Unsupported(f"'{node.name}' in a block reads '{dep.name}', another stream value")
-            elif is_metadata(dep) and not (set(_metadata_sources(dep)) & internal):
+            elif info(dep).is_metadata and not (set(metadata_sources(dep)) & internal):
                 aux.add(dep)  # a shape computed before the stage
-            elif dep in internal or is_metadata(dep) or is_constant(dep):
+            elif dep in internal or info(dep).is_metadata or info(dep).is_constant:
                 stack.append(dep)  # the block's own computation, its shapes, constants: copied
             else:
                 aux.add(dep)  # a value computed before the stage (or a forward argument)
@@ -134,7 +166,7 @@ def _outer_metadata_fixups(chain: Chain, owned: Set[fx.Node]) -> List[tuple]:
     fixes = []
     for node in owned - {chain.output}:  # shape reads of the output read the stage's output
         for user in list(node.users):
-            if user in owned or not is_metadata(user) or metadata_source(user) is not node:
+            if user in owned or not info(user).is_metadata or metadata_source(user) is not node:
                 continue
             if _all_users_within(user, owned):
                 continue  # erased with the chain
@@ -146,11 +178,17 @@ def _outer_metadata_fixups(chain: Chain, owned: Set[fx.Node]) -> List[tuple]:
 
 
 def _all_users_within(node: fx.Node, owned: Set[fx.Node]) -> bool:
-    return all(u in owned or (is_metadata(u) and _all_users_within(u, owned)) for u in node.users)
+    return all(u in owned or (info(u).is_metadata and _all_users_within(u, owned)) for u in node.users)
 
 
-def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_options) -> ReversibleStage:
+def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, **stage_options) -> ReversibleStage:
     """Rewrite `gm.graph` in place so that `chain` runs as one ReversibleStage `name`."""
+    # Shape reads of a block's values by later blocks read the block's skip instead (same
+    # shape, as `match` checked): the later blocks then see a stream value, not another
+    # block's internals. Neutral for the graph's meaning, so done even if emitting fails.
+    for r in chain.residuals:
+        for reader, value in r.shape_reads:
+            reader.replace_input_with(value, r.skip)
     owned = chain.owned()
     segments = _segments(chain)
     fixes = _outer_metadata_fixups(chain, owned)
@@ -168,7 +206,7 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
     built = {(p[0], p[1]): build_subgraph(gm, segments, p[0], p[1], p[2], aux_nodes, internal,
                                           act=p[3], add=p[4]) for p in parts}
     blocks = [built[(r.skip, r.branch_out)] for r in chain.residuals]
-    names = [path_of(r) for r in chain.residuals]
+    names = [block_label(r) for r in chain.residuals]
     transitions = [built[(r.out, t[-1])] if t else None
                    for r, t in zip(chain.residuals, chain.transitions)]
     subgraphs = blocks + [t for t in transitions if t is not None]
@@ -186,7 +224,7 @@ def emit_chain(gm: fx.GraphModule, chain: Chain, name: str, path_of, **stage_opt
         user.replace_input_with(node, chain.input)
     with graph.inserting_after(chain.output):
         call = graph.call_module(name, (chain.input, *aux_nodes))
-    call.meta[SHAPE] = chain.output.meta[SHAPE]
+    copy_info(chain.output, call)
     chain.output.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call and u not in owned)
     _erase(graph, owned)
     return stage
@@ -204,7 +242,7 @@ def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
     while changed:  # parameters and constants that only the chain read
         changed = False
         for node in reversed(list(graph.nodes)):
-            if not node.users and (is_constant(node) or is_metadata(node)):
+            if not node.users and (info(node).is_constant or info(node).is_metadata):
                 graph.erase_node(node)
                 changed = True
 
@@ -212,6 +250,6 @@ def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
 def _erase_pure_tree(graph: fx.Graph, node: fx.Node) -> None:
     for user in list(node.users):
         _erase_pure_tree(graph, user)
-    if not (is_metadata(node) or is_dead_pure(node)):
+    if not (info(node).is_metadata or is_dead_pure(node)):
         raise RewireError(f"revwire internal error: '{node.name}' still reads a rewired value")
     graph.erase_node(node)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional, Tuple
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 
 def _storage_key(t: torch.Tensor):
@@ -57,3 +58,28 @@ def cuda_peak_bytes(fn: Callable, *args, device=None, **kwargs) -> Tuple[object,
     result = fn(*args, **kwargs)
     torch.cuda.synchronize(device)
     return result, torch.cuda.max_memory_allocated(device)
+
+
+def cuda_step_peak(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """Peak CUDA memory of one full training step of `model` on `x` (forward, backward,
+    SGD step with momentum), after one warm-up step so the optimizer state exists.
+    Returns `{"peak": bytes, "before_step": bytes allocated when the step starts}`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = sum(t.float().mean() for t in tree_leaves(out)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+        loss.backward()
+        opt.step()
+
+    step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    _, peak = cuda_peak_bytes(step)
+    opt.zero_grad(set_to_none=True)
+    return {"peak": int(peak), "before_step": int(before)}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .errors import BlockShapeError, ReconstructionError, RewireError, StageFreedError
+from ..errors import BlockShapeError, ReconstructionError, RewireError, StageFreedError
 from .replay import AutocastState, RngState, frozen_running_stats, stat_tracking_norms
 
 ENGINES = ("reversible", "autograd")

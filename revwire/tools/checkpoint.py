@@ -20,7 +20,6 @@ renamed over the target, so a failure never leaves a partial or overwritten outp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import tempfile
@@ -30,9 +29,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import CheckpointError, OutputError
-from .specs import build_model, make_input, record_spec, spec_of
+from .. import __version__
+from ..api import rewire
+from ..errors import CheckpointError, OutputError, RewireError
+from ..options import RewireOptions
+from ..runtime.engine import set_engine, stages
+from .specs import build_model, make_input, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
 FORMAT_VERSION = 1
@@ -160,7 +162,7 @@ def _is_safetensors(path: str) -> bool:
     return head[8:9] == b"{" and 0 < n < 100_000_000
 
 
-def _check_input_file(path: PathLike, what: str = "checkpoint") -> str:
+def check_input_file(path: PathLike, what: str = "checkpoint") -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{what} {path} not found")
@@ -180,7 +182,7 @@ def _short(e: BaseException, limit: int = 160) -> str:
 
 def read_file(path: PathLike, what: str = "checkpoint") -> Any:
     """Read a `torch.save` file (with `weights_only=True`) or a `.safetensors` file."""
-    path = _check_input_file(path, what)
+    path = check_input_file(path, what)
     if _is_safetensors(path):
         try:
             from safetensors.torch import load_file
@@ -301,7 +303,7 @@ def load_weights(model: nn.Module, path: PathLike, *, use_ema: bool = True) -> s
     the state_dict was found ('' for a bare state_dict)."""
     path = os.fspath(path)
     if os.path.splitext(path)[1].lower() in (".npz", ".npy"):
-        _check_input_file(path)
+        check_input_file(path)
         if not hasattr(model, "load_pretrained"):
             raise CheckpointError(f"checkpoint {path}: this model cannot load numpy checkpoints; convert it to a state_dict")
         try:
@@ -336,70 +338,17 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return dt
 
 
-def _qualname(obj: Any) -> Any:
-    """Functions and classes in rewire options are stored as 'package.module:Name'."""
-    if isinstance(obj, (list, tuple)):
-        return [_qualname(o) for o in obj]
-    if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__")):
-        return f"{obj.__module__}:{obj.__qualname__}"
-    return obj
-
-
-def _encode_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, torch.dtype):
-            v = _dtype_name(v)
-        elif k in ("leaf_modules", "autowrap_functions"):
-            v = _qualname(v)
-        out[k] = v
+def _options_in(data: Mapping[str, Any], path: str) -> RewireOptions:
     try:
-        json.dumps(out)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the rewire options of this model cannot be stored: {e}") from None
-    return out
-
-
-def _decode_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    from .specs import _resolve
-
-    out = dict(options)
-    if out.get("stream_dtype") is not None:
-        out["stream_dtype"] = _dtype(out["stream_dtype"])
-    for k in ("leaf_modules", "autowrap_functions"):
-        if out.get(k):
-            out[k] = tuple(_resolve(v) if isinstance(v, str) and ":" in v else v for v in out[k])
-    return out
+        return RewireOptions.from_dict(data["rewire_options"])
+    except RewireError as e:
+        raise CheckpointError(f"revwire file {path}: {e}") from None
 
 
 def _input_shapes(rev: nn.Module) -> Optional[List[List[int]]]:
     """The shapes of the example inputs `rewire` propagated through `rev`, if recorded."""
-    for attr in ("revwire_input_shapes", "revwire_example_shapes"):
-        shapes = getattr(rev, attr, None)
-        if shapes:
-            return [list(s) for s in shapes]
-    opts = getattr(rev, "revwire_options", None) or {}
-    for key in ("input_shapes", "example_shapes", "example_inputs"):
-        shapes = opts.get(key) if isinstance(opts, Mapping) else None
-        if isinstance(shapes, (list, tuple)) and shapes and all(isinstance(s, (list, tuple)) for s in shapes):
-            return [list(s) for s in shapes]
-    graph = getattr(rev, "graph", None)
-    if graph is None:
-        return None
-    shapes = []
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        shape = node.meta.get("revwire_shape")  # recorded by revwire.shapes.propagate
-        if shape is None:
-            shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-        if shape is None and isinstance(node.meta.get("val"), torch.Tensor):
-            shape = node.meta["val"].shape
-        if shape is not None:
-            shapes.append([int(s) for s in shape])
-        elif not node.args:  # a required argument of unknown shape (one with a default is optional)
-            return None
-    return shapes or None
+    shapes = getattr(rev, "revwire_input_shapes", None)
+    return [list(s) for s in shapes] if shapes else None
 
 
 def _param_dtype(model: nn.Module) -> str:
@@ -410,15 +359,12 @@ def _param_dtype(model: nn.Module) -> str:
 
 
 def _engine_of(rev: nn.Module) -> Optional[str]:
-    from .engine import stages
-
     engines = {s.engine for s in stages(rev)}
     return engines.pop() if len(engines) == 1 else None
 
 
 def revwire_record(rev: nn.Module, *, spec: Optional[str] = None, model_kwargs: Optional[Mapping[str, Any]] = None,
                    input_shapes: Optional[Sequence[Sequence[int]]] = None,
-                   rewire_options: Optional[Mapping[str, Any]] = None,
                    extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The dict that `save` writes (tensors moved to the CPU)."""
     if spec is None:
@@ -431,10 +377,8 @@ def revwire_record(rev: nn.Module, *, spec: Optional[str] = None, model_kwargs: 
             )
         spec, model_kwargs = record["spec"], record["model_kwargs"] if model_kwargs is None else model_kwargs
     options = getattr(rev, "revwire_options", None)
-    if options is None:
+    if not isinstance(options, RewireOptions):
         raise CheckpointError("this model was not made by revwire.rewire (it has no revwire_options); rewire it first")
-    # Options rewire does not record (leaf_modules, autowrap_functions) come from the caller.
-    options = dict(options, **(rewire_options or {}))
     shapes = [list(s) for s in input_shapes] if input_shapes else _input_shapes(rev)
     if not shapes:
         raise CheckpointError("cannot tell the example input shape this model was rewired with; pass input_shapes=[[B, C, H, W]]")
@@ -447,7 +391,7 @@ def revwire_record(rev: nn.Module, *, spec: Optional[str] = None, model_kwargs: 
         "spec": spec,
         "model_kwargs": dict(model_kwargs or {}),
         "input_shapes": shapes,
-        "rewire_options": _encode_options(options),
+        "rewire_options": options.to_dict(),
         "engine": _engine_of(rev),
         "dtype": _param_dtype(rev),
     }
@@ -460,7 +404,6 @@ def revwire_record(rev: nn.Module, *, spec: Optional[str] = None, model_kwargs: 
 def save(rev: nn.Module, path: PathLike, *, overwrite: bool = True, spec: Optional[str] = None,
          model_kwargs: Optional[Mapping[str, Any]] = None,
          input_shapes: Optional[Sequence[Sequence[int]]] = None,
-         rewire_options: Optional[Mapping[str, Any]] = None,
          extra: Optional[Mapping[str, Any]] = None) -> None:
     """Save a rewired model so that `revwire.load(path)` rebuilds it with its weights.
 
@@ -469,12 +412,12 @@ def save(rev: nn.Module, path: PathLike, *, overwrite: bool = True, spec: Option
     original model's): only JSON-able values and tensors, so it loads with
     `torch.load(path, weights_only=True)`. The spec is the one `revwire.build_model`
     recorded, or `spec=` (with `model_kwargs=`). The write is atomic; with
-    `overwrite=False` an existing file is refused (`OutputError`). `rewire_options`
-    adds rewire options the model does not record itself (`leaf_modules`,
-    `autowrap_functions`: stored as 'package.module:Name').
+    `overwrite=False` an existing file is refused (`OutputError`). The rewire options
+    are the model's own `RewireOptions` (classes and functions stored as
+    'package.module:Name').
     """
     record = revwire_record(rev, spec=spec, model_kwargs=model_kwargs, input_shapes=input_shapes,
-                            rewire_options=rewire_options, extra=extra)
+                            extra=extra)
     atomic_write(path, lambda tmp: torch.save(record, tmp), overwrite=overwrite)
 
 
@@ -504,8 +447,6 @@ _TRUSTED_ROOTS = ("torch", "torchvision", "timm", "revwire")
 
 def _code_named(data: Mapping[str, Any]) -> List[str]:
     """What loading `data` would import and call beyond timm / torchvision / torch."""
-    from .specs import parse_spec
-
     named = [data["spec"]] if parse_spec(data["spec"])[0] == "module" else []
     for key in ("leaf_modules", "autowrap_functions"):
         for v in (data.get("rewire_options") or {}).get(key) or ():
@@ -524,9 +465,6 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
     spec (or a leaf module / autowrapped function outside torch, torchvision and timm)
     means importing and calling code the file names: that needs `trust_code=True`,
     given only for files you trust (your own)."""
-    from . import rewire  # the compiler (imported late: revwire/__init__ imports this module)
-    from .engine import set_engine
-
     path = os.fspath(path)
     data = read_revwire_file(path)
     named = _code_named(data)
@@ -543,7 +481,7 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
     example = gen_inputs[0] if len(gen_inputs) == 1 else gen_inputs
     state_dict = data["state_dict"]
     check_state_dict(model, state_dict, source=f"revwire file {path}", target=data["spec"])
-    rev = rewire(model, example, **_decode_options(data["rewire_options"]))
+    rev = rewire(model, example, _options_in(data, path))
     rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
     if data.get("engine"):
         set_engine(rev, data["engine"])

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
 
-from .shapes import DTYPE, SHAPE, VALUE
+from .shapes import info, metadata_source
 from .trace import scope_of
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_METADATA_METHODS = {"size", "dim", "numel"}
-_METADATA_ATTRS = {"shape", "ndim", "dtype", "device"}
 _LAYOUT_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten",
                    "roll", "squeeze", "unsqueeze", "movedim", "swapaxes", "swapdims"}
 _LAYOUT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.roll,
@@ -43,6 +41,9 @@ class Residual:
     branch_out: fx.Node
     branch: Set[fx.Node]  # nodes computed from skip, up to branch_out
     act: Optional[fx.Node] = None  # a post-activation moved into the branch
+    # (reader, value): shape reads of a value inside the branch by a node outside it (a
+    # later block); `skip` has that shape too, and the rewriter points them at it
+    shape_reads: List[Tuple[fx.Node, fx.Node]] = field(default_factory=list)
 
     @property
     def out(self) -> fx.Node:
@@ -86,61 +87,28 @@ class MatchResult:
 
 # -- node classification ---------------------------------------------------------------
 
-def is_metadata(node: fx.Node) -> bool:
-    """A node whose value describes a tensor without reading it (x.shape, x.size(0), B * H,
-    x.dtype, x.device): it reads no values, so any tensor described alike can stand in."""
-    return node.meta.get("revwire_is_metadata", False)
-
-
-def _classify_metadata(graph: fx.Graph) -> None:
-    for n in graph.nodes:
-        meta = False
-        if n.op in ("call_function", "call_method"):
-            meta = metadata_source(n) is not None or (
-                VALUE in n.meta and all(is_metadata(i) for i in n.all_input_nodes))
-        n.meta["revwire_is_metadata"] = meta
-        n.meta["revwire_is_constant"] = n.op == "get_attr" or (
-            n.op in ("call_function", "call_method")
-            and all(i.meta.get("revwire_is_constant") for i in n.all_input_nodes))
-
-
 def same_description(a: fx.Node, b: fx.Node, reader: fx.Node) -> bool:
     """Whether `reader` (a shape, dtype or device read) gives the same for `a` and `b`."""
     attr = reader.args[1] if reader.target is getattr else None
     if attr == "dtype":
-        return a.meta.get(DTYPE) == b.meta.get(DTYPE)
+        return info(a).dtype == info(b).dtype
     if attr == "device":
         return True  # one chain's values live on one device
     if attr == "ndim" or (reader.op == "call_method" and reader.target == "dim"):
-        return len(a.meta.get(SHAPE, ())) == len(b.meta.get(SHAPE, ()))
-    return a.meta.get(SHAPE) == b.meta.get(SHAPE)
-
-
-def is_constant(node: fx.Node) -> bool:
-    """A parameter, buffer or constant, or a pure function of those (copied into blocks)."""
-    return node.meta.get("revwire_is_constant", False)
-
-
-def metadata_source(node: fx.Node) -> Optional[fx.Node]:
-    """The tensor node whose shape `node` reads directly, if it is `t.shape` / `t.size()` / ..."""
-    if node.op == "call_function" and node.target is getattr and len(node.args) >= 2:
-        if node.args[1] in _METADATA_ATTRS and isinstance(node.args[0], fx.Node):
-            return node.args[0]
-    if node.op == "call_method" and node.target in _METADATA_METHODS and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
+        return len(info(a).shape or ()) == len(info(b).shape or ())
+    return info(a).shape == info(b).shape
 
 
 def data_inputs(node: fx.Node) -> List[fx.Node]:
-    return [i for i in node.all_input_nodes if not is_metadata(i)]
+    return [i for i in node.all_input_nodes if not info(i).is_metadata]
 
 
 def data_users(node: fx.Node) -> List[fx.Node]:
-    return [u for u in node.users if not is_metadata(u)]
+    return [u for u in node.users if not info(u).is_metadata]
 
 
 def _is_tensor(node) -> bool:
-    return isinstance(node, fx.Node) and SHAPE in node.meta
+    return isinstance(node, fx.Node) and info(node).is_tensor
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -178,7 +146,7 @@ def is_layout(node: fx.Node) -> bool:
 
 def _numel(node: fx.Node) -> int:
     n = 1
-    for d in node.meta[SHAPE]:
+    for d in info(node).shape:
         n *= d
     return n
 
@@ -213,8 +181,9 @@ class _NotResidual(Exception):
 
 
 def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node,
-               order: Dict[fx.Node, int]) -> Set[fx.Node]:
-    """Nodes of F in `add(skip, F(skip))`; raises _NotResidual with the reason.
+               order: Dict[fx.Node, int]) -> Tuple[Set[fx.Node], List[Tuple[fx.Node, fx.Node]]]:
+    """Nodes of F in `add(skip, F(skip))`, and the shape reads of F's values from outside
+    F (see `Residual.shape_reads`); raises _NotResidual with the reason. Reads the graph only.
 
     F may also read parameters, constants, and values computed before the block (an
     attention mask, a rotary table): those reach the stage as extra inputs.
@@ -240,44 +209,44 @@ def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node,
     # shape only) are copied into the block or handed to the stage.
     branch: Set[fx.Node] = set()
     for n in _in_graph_order(ancestors):
-        if any(i is skip or i in branch for i in n.all_input_nodes if not is_metadata(i)) or any(
-                s in branch for i in n.all_input_nodes if is_metadata(i) for s in _metadata_sources(i)):
+        if any(i is skip or i in branch for i in n.all_input_nodes if not info(i).is_metadata) or any(
+                s in branch for i in n.all_input_nodes if info(i).is_metadata for s in metadata_sources(i)):
             branch.add(n)
+    shape_reads = []
     for n in branch:
         if _mutates_input(gm, n, skip):
             raise _NotResidual(f"'{n.name}' in its branch modifies the skip input in place")
         for u in list(n.users):
             if u in branch or u is add or is_dead_pure(u):
                 continue
-            if is_metadata(u) and _meta_users_within(u, branch | {add}):
+            if info(u).is_metadata and _meta_users_within(u, branch | {add}):
                 continue
             if metadata_source(u) is n and same_description(n, skip, u):
-                # a later block reads the shape of a value inside this branch: the skip has it too
-                u.replace_input_with(n, skip)
+                shape_reads.append((u, n))  # a later block reads it: the skip has that shape too
                 continue
             raise _NotResidual(f"'{n.name}' inside its branch is also read by '{u.name}' (a tapped value)")
-    return branch
+    return branch, shape_reads
 
 
 def is_dead_pure(node: fx.Node) -> bool:
     """An unused element or shape read (`a, b = torch.split(...)` with `b` unused)."""
-    return not node.users and (is_metadata(node) or (
+    return not node.users and (info(node).is_metadata or (
         node.op == "call_function" and node.target is operator.getitem))
 
 
-def _metadata_sources(node: fx.Node) -> List[fx.Node]:
+def metadata_sources(node: fx.Node) -> List[fx.Node]:
     """The tensor nodes whose shapes a metadata node is computed from."""
     src = metadata_source(node)
     if src is not None:
         return [src]
     out = []
     for i in node.all_input_nodes:
-        out.extend(_metadata_sources(i))
+        out.extend(metadata_sources(i))
     return out
 
 
 def _meta_users_within(node: fx.Node, allowed: Set[fx.Node]) -> bool:
-    return all((u in allowed) or (is_metadata(u) and _meta_users_within(u, allowed)) for u in node.users)
+    return all((u in allowed) or (info(u).is_metadata and _meta_users_within(u, allowed)) for u in node.users)
 
 
 def where(node: fx.Node) -> str:
@@ -327,7 +296,7 @@ def _best_reason(operands, reasons) -> Optional[str]:
     informative = [r for r in reasons if not any(u in r for u in unrelated)]
     if informative:
         return "not a residual: " + informative[0]
-    if a.meta[SHAPE] != b.meta[SHAPE]:
+    if info(a).shape != info(b).shape:
         return "shape change across the block"
     return "projection shortcut: the skip is computed (e.g. downsampled), not the identity"
 
@@ -346,18 +315,18 @@ def _share_ancestor(a: fx.Node, b: fx.Node, depth: int = 40) -> bool:
 
 
 def _residual(gm, add, skip, out, post_activation, order) -> Residual:
-    if skip.meta[SHAPE] != add.meta[SHAPE] or out.meta[SHAPE] != add.meta[SHAPE]:
+    if info(skip).shape != info(add).shape or info(out).shape != info(add).shape:
         raise _NotResidual("shape change across the block")
-    if skip.meta[DTYPE] != add.meta[DTYPE]:
+    if info(skip).dtype != info(add).dtype:
         raise _NotResidual("the add changes the dtype")
-    branch = _branch_of(gm, skip, out, add, order)
+    branch, shape_reads = _branch_of(gm, skip, out, add, order)
     users = data_users(add)
     act = None
-    if len(users) == 1 and is_activation(gm, users[0]) and not any(is_metadata(u) for u in add.users):
+    if len(users) == 1 and is_activation(gm, users[0]) and not any(info(u).is_metadata for u in add.users):
         if post_activation != "branch":
             raise _NotResidual("post-activation act(x + F(x)) and post_activation='skip'")
         act = users[0]
-    return Residual(add=add, skip=skip, branch_out=out, branch=branch, act=act)
+    return Residual(add=add, skip=skip, branch_out=out, branch=branch, act=act, shape_reads=shape_reads)
 
 
 # -- chains -------------------------------------------------------------------------------
@@ -418,7 +387,6 @@ def group_chains(residuals: List[Residual], min_blocks: int, result: MatchResult
 def match(gm: fx.GraphModule, *, min_blocks: int = 2, post_activation: str = "branch") -> MatchResult:
     if post_activation not in ("branch", "skip"):
         raise ValueError(f"post_activation must be 'branch' or 'skip', got {post_activation!r}")
-    _classify_metadata(gm.graph)
     result = MatchResult()
     residuals = find_residuals(gm, post_activation, result)
     group_chains(residuals, min_blocks, result)

@@ -4,11 +4,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import List
 
+from .match import Residual
+from .trace import scope_of
+
 
 @dataclass
 class ChainInfo:
     name: str  # the stage's attribute name in the rewired model
     blocks: List[str]  # where each residual branch lives: "module.path [first module]"
+    block_scopes: List[str]  # the module path each residual add was traced in ("" for the root)
     shape: List[int]  # stream shape at the stage input (example inputs)
     num_blocks: int
     post_activations: int  # `act(x + F(x))` rewired with act moved into the branch
@@ -56,3 +60,24 @@ class Report:
 
     def __repr__(self) -> str:
         return str(self)
+
+
+def block_scope(r: Residual) -> str:
+    """The module path a residual add was traced in, e.g. `blocks.3` or `layer1.1`."""
+    return scope_of(r.add)
+
+
+def block_label(r: Residual) -> str:
+    """`scope [first module of the branch]`, e.g. `blocks.3 [norm2]` or `layer1.1 [conv1]`."""
+    scope = block_scope(r)
+    for node in r.add.graph.nodes:
+        if node not in r.branch:
+            continue
+        paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if node.op == "call_module":
+            paths.append(node.target)
+        inner = [p for p in paths if p.startswith(scope + ".") or (not scope and p)]
+        if inner:
+            leaf = inner[0][len(scope) + 1:] if scope else inner[0]
+            return f"{scope} [{leaf}]" if scope else leaf
+    return scope or r.add.name

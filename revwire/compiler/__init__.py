@@ -1,0 +1,1 @@
+"""The compiler: trace -> shapes -> match -> rewrite (torch.fx passes), and its report."""

@@ -1,0 +1,1 @@
+"""The runtime: reversible stages and their autograd engine, recompute replay, meters."""

@@ -1,0 +1,1 @@
+"""Tools around the compiler: model specs, revwire files and checkpoints, the CLI."""
