@@ -157,7 +157,7 @@ def _loss_and_grads(module, model, x, target, amp=None):
 def test_methods_give_same_loss(build):
     """vanilla == checkpoint (same function); revwire's reversible engine == the same rewired
     graph under plain autograd (the rewired function differs from the original after its
-    first block, DESIGN.md §2, so it is compared with its own ground truth)."""
+    first block, docs/design.md §2, so it is compared with its own ground truth)."""
     torch.manual_seed(0)
     model = build().double().train()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)

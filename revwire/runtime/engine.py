@@ -1,4 +1,4 @@
-"""The reversible stage and its autograd engine (DESIGN.md §2-3).
+"""The reversible stage and its autograd engine (docs/design.md §2-3).
 
 A stage runs blocks F_1..F_N with the re2tal coupling
 

@@ -13,10 +13,9 @@ import torch
 
 import revwire
 
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
+import timm
+import torchvision
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
@@ -184,7 +183,7 @@ def test_zoo_vit_dropout_masks_differ_between_seeds():
 
 
 def test_zoo_mvit_v2_s_is_refused_with_a_clear_error():
-    """mvit_v2_s cannot be rewired today, and says why (DESIGN.md §4 hoped for 2, 3, 21, 3).
+    """mvit_v2_s cannot be rewired today, and says why (a first estimate hoped for chains 2, 3, 21, 3).
 
     Each block's `thw` is read from the shape of a tensor inside the previous block's
     attention branch (the pooled q), and torchvision's `_add_shortcut` adds into a tensor

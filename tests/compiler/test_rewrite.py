@@ -1,4 +1,4 @@
-"""Step 4 of the compiler: the emitted ReversibleStage computes the re2tal coupling (DESIGN.md §2)."""
+"""Step 4 of the compiler: the emitted ReversibleStage computes the re2tal coupling (docs/design.md §2)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,6 +221,6 @@ def test_values_computed_before_the_chain_reach_every_block_with_their_gradients
 
 def test_only_the_last_stage_keeps_its_last_block():
     # an earlier stage holding a block's activations would hold them while later stages run
-    timm = pytest.importorskip("timm")
+    import timm
     rev = revwire.rewire(timm.create_model("resnet50", pretrained=False), torch.randn(1, 3, 32, 32))
     assert [s.keep_last for s in revwire.stages(rev)] == [False, False, False, True]

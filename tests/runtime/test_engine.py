@@ -1,4 +1,4 @@
-"""The reversible engine against the autograd engine on the same stage (DESIGN.md §2-3)."""
+"""The reversible engine against the autograd engine on the same stage (docs/design.md §2-3)."""
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Memory meters (DESIGN.md §6)."""
+"""Memory meters (docs/design.md §7)."""
 import pytest
 import torch
 from torch import nn

@@ -30,6 +30,9 @@ def user_module(tmp_path, monkeypatch):
             def forward(self, x):
                 return x if bool(x.abs().sum() >= 0) else -x
 
+        def identity(x):  # a function to name in autowrap_functions
+            return x
+
         class Block(nn.Module):
             def __init__(self, width):
                 super().__init__()
@@ -284,6 +287,17 @@ def test_save_load_keeps_engine_and_options(tmp_path, user_module):
     assert stage.engine == "autograd" and stage.stream_dtype == torch.float64
     assert rev2.revwire_options == rev.revwire_options
     assert rev2.revwire_options.min_blocks == 3 and rev2.revwire_options.leaf_modules == (gate,)
+
+
+def test_every_option_survives_a_file(tmp_path, user_module):
+    from test_options import non_default_options
+
+    mod = __import__(MODULE)
+    options = non_default_options(leaf_modules=(mod.Gate,), autowrap_functions=(mod.identity,))
+    model = _randomize(revwire.build_model(user_module))
+    rev = revwire.rewire(model, torch.randn(4, 8), options)
+    revwire.save(rev, tmp_path / "rev.pt")
+    assert revwire.load(tmp_path / "rev.pt", trust_code=True).revwire_options == options
 
 
 def test_save_needs_a_spec(tmp_path, user_module):
