@@ -21,7 +21,7 @@ from .errors import (
     TraceError,
 )
 from .options import RewireOptions
-from .runtime.engine import ReversibleStage, set_engine, stages
+from .runtime.stage import ReversibleStage, set_engine, stages
 from .runtime.meter import cuda_peak_bytes, model_saved_bytes, saved_tensor_bytes
 from .runtime.verify import verify
 from .compiler.report import Report

@@ -14,7 +14,7 @@ from .compiler.shapes import propagate
 from .compiler.trace import trace
 from .errors import InputError, NoChainError, RewireError
 from .options import RewireOptions
-from .runtime.engine import stages
+from .runtime.stage import stages
 
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 

@@ -12,7 +12,7 @@ from torch import fx
 
 from ..errors import RewireError
 from ..options import RewireOptions
-from ..runtime.engine import ReversibleStage
+from ..runtime.stage import ReversibleStage
 from .match import Chain, MatchResult, is_dead_pure, metadata_sources, same_description, where
 from .report import ChainInfo, Report, SkippedInfo, block_label, block_scope
 from .shapes import copy_info, info, metadata_source

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .engine import set_engine, stages
+from .stage import set_engine, stages
 
 
 def snapshot_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from .. import __version__
 from ..api import rewire
 from ..errors import CheckpointError, OutputError, RewireError
 from ..options import RewireOptions
-from ..runtime.engine import set_engine, stages
+from ..runtime.stage import set_engine, stages
 from .specs import build_model, make_input, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
