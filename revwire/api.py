@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from .compiler.match import match
+from .compiler.normalize import unbind_unpacked_tensors
 from .compiler.report import Report
 from .compiler.rewrite import rewrite
 from .compiler.shapes import propagate
@@ -75,6 +76,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     inputs = _example_inputs(model, example_inputs)
     gm = trace(model, len(inputs), leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions)
     propagate(gm, inputs)
+    unbind_unpacked_tensors(gm)
     found = match(gm, min_blocks=opts.min_blocks, post_activation=opts.post_activation)
     report = rewrite(gm, found, opts, type(model).__name__)
     if not report.chains:

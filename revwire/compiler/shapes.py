@@ -60,6 +60,12 @@ def copy_info(src: fx.Node, dst: fx.Node) -> None:
     dst.meta[_KEY] = info(src)
 
 
+def describe_derived(node: fx.Node, src: fx.Node) -> None:
+    """Describe `node`, a non-tensor value a normalization pass computed from `src` alone
+    (e.g. `torch.unbind(src)`): a constant if `src` is."""
+    node.meta[_KEY] = NodeInfo(is_constant=info(src).is_constant)
+
+
 def metadata_source(node: fx.Node) -> Optional[fx.Node]:
     """The tensor node whose shape `node` reads directly, if it is `t.shape` / `t.size()` / ..."""
     if node.op == "call_function" and node.target is getattr and len(node.args) >= 2:
