@@ -20,6 +20,8 @@ renamed over the target, so a failure never leaves a partial or overwritten outp
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import pickle
 import tempfile
@@ -31,13 +33,16 @@ from torch import nn
 
 from .. import __version__
 from ..api import rewire
-from ..errors import CheckpointError, OutputError, RewireError
-from ..options import RewireOptions
+from ..errors import CheckpointError, InputError, OutputError, RewireError, SpecError
+from ..options import ENGINES, STREAM_DTYPES, RewireOptions
 from ..runtime.engine import set_engine, stages
 from .specs import build_model, make_input, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
 FORMAT_VERSION = 1
+# `load` allocates the example inputs a file asks for: bound them (the largest is 512 MiB of float32)
+MAX_INPUT_ELEMENTS = 2**27
+MAX_INPUT_RANK = 8
 PathLike = Union[str, "os.PathLike[str]"]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # as timm's clean_state_dict
@@ -327,22 +332,11 @@ def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    if isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in revwire file")
-    return dt
-
-
 def _options_in(data: Mapping[str, Any], path: str) -> RewireOptions:
     try:
         return RewireOptions.from_dict(data["rewire_options"])
     except RewireError as e:
-        raise CheckpointError(f"revwire file {path}: {e}") from None
+        raise _field_error(path, "rewire_options", f"is wrong: {e}") from None
 
 
 def _input_shapes(rev: nn.Module) -> Optional[List[List[int]]]:
@@ -421,8 +415,104 @@ def save(rev: nn.Module, path: PathLike, *, overwrite: bool = True, spec: Option
     atomic_write(path, lambda tmp: torch.save(record, tmp), overwrite=overwrite)
 
 
+def _field_error(path: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"revwire file {path}: field '{field}' {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    return _short(repr(value), 80)
+
+
+def _check_input_shapes(shapes: Any, path: str) -> None:
+    """1 to `MAX_INPUT_RANK` positive ints per shape, at most `MAX_INPUT_ELEMENTS` elements
+    in all: `load` allocates these inputs."""
+    if not isinstance(shapes, (list, tuple)) or not shapes:
+        raise _field_error(path, "input_shapes", f"must be a non-empty list of shapes, got {_shown(shapes)}")
+    total = 0
+    for i, shape in enumerate(shapes):
+        field = f"input_shapes[{i}]"
+        if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= MAX_INPUT_RANK
+                and all(_is_int(n) and n >= 1 for n in shape)):
+            raise _field_error(path, field, f"must be a list of 1 to {MAX_INPUT_RANK} positive integers, "
+                                            f"got {_shown(shape)}")
+        n = math.prod(shape)
+        total += n
+        if total > MAX_INPUT_ELEMENTS:
+            before = f" ({total:,} with the inputs before it)" if i else ""
+            raise _field_error(path, field, f"asks for {n:,} elements{before}; at most "
+                                            f"{MAX_INPUT_ELEMENTS:,} in all are allowed (load allocates "
+                                            f"them): the file is corrupt or was tampered with")
+
+
+def _check_rewire_options(options: Any, path: str) -> None:
+    """Every value checked, nothing imported (the names of classes and functions are only
+    checked to be strings: `load` imports them once the file is trusted)."""
+    if not isinstance(options, Mapping):
+        raise _field_error(path, "rewire_options", f"must be a dict, got a {type(options).__name__}")
+    code = {f.name for f in dataclasses.fields(RewireOptions) if f.metadata["kind"] == "code"}
+    for name, value in options.items():
+        if not isinstance(name, str):
+            raise _field_error(path, "rewire_options", f"has a key {_shown(name)}, not an option name")
+        if name in code and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise _field_error(path, "rewire_options",
+                               f"is wrong: rewire option {name} must be a list of 'package.module:Name', "
+                               f"got {_shown(value)}")
+    try:
+        RewireOptions.from_dict({k: v for k, v in options.items() if k not in code})
+    except RewireError as e:
+        raise _field_error(path, "rewire_options", f"is wrong: {e}") from None
+
+
+def _check_record(obj: Mapping[str, Any], path: str) -> None:
+    """Type, range and size of every field `load` reads (`CheckpointError` naming it)."""
+    for key in ("revwire_version", "torch_version"):
+        if key in obj and not isinstance(obj[key], str):
+            raise _field_error(path, key, f"must be a string, got {_shown(obj[key])}")
+    version = obj["format_version"]
+    if not _is_int(version) or version < 1:
+        raise _field_error(path, "format_version",
+                           f"must be an integer from 1 to {FORMAT_VERSION}, got {_shown(version)}")
+    if version > FORMAT_VERSION:
+        raise _field_error(path, "format_version",
+                           f"is {version}: the file was written by revwire {obj.get('revwire_version')} in a "
+                           f"newer format; upgrade revwire (this is revwire {__version__}, format "
+                           f"{FORMAT_VERSION})")
+    for key in ("spec", "state_dict", "rewire_options", "input_shapes"):
+        if key not in obj:
+            raise CheckpointError(f"revwire file {path} is incomplete: it has no '{key}'")
+    try:
+        parse_spec(obj["spec"])
+    except SpecError as e:
+        raise _field_error(path, "spec", f"is wrong: {e}") from None
+    kwargs = obj.get("model_kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise _field_error(path, "model_kwargs", f"must be a dict of constructor arguments, got a {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise _field_error(path, "model_kwargs", f"must be a dict of constructor arguments, got a key {_shown(bad[0])}")
+    _check_input_shapes(obj["input_shapes"], path)
+    _check_rewire_options(obj["rewire_options"], path)
+    if obj.get("engine") not in (None, *ENGINES):
+        raise _field_error(path, "engine", f"must be one of {ENGINES} or None, got {_shown(obj['engine'])}")
+    if obj.get("dtype") not in (None, *STREAM_DTYPES):
+        raise _field_error(path, "dtype", f"must be one of {STREAM_DTYPES}, got {_shown(obj['dtype'])}")
+    state_dict = obj["state_dict"]
+    if not isinstance(state_dict, Mapping):
+        raise _field_error(path, "state_dict", f"must be a dict of tensors, got a {type(state_dict).__name__}")
+    if not state_dict:
+        raise _field_error(path, "state_dict", "is empty")
+    for k, v in state_dict.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _field_error(path, "state_dict", f"must be a dict of tensors, got {_shown(k)}: {type(v).__name__}")
+
+
 def read_revwire_file(path: PathLike) -> Dict[str, Any]:
-    """Read and validate a file written by `save` / `revwire convert`."""
+    """Read a file written by `save` / `revwire convert`, and check every field `load`
+    reads (`CheckpointError` naming the file and the field)."""
     path = os.fspath(path)
     obj = read_file(path, what="revwire file")
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
@@ -430,15 +520,9 @@ def read_revwire_file(path: PathLike) -> Dict[str, Any]:
             f"{path} is not a revwire file (written by `revwire convert` or revwire.save); "
             f"to convert a plain checkpoint use: revwire convert SPEC --checkpoint {path} -o OUT"
         )
-    if int(obj.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by revwire {obj.get('revwire_version')} in a newer format "
-            f"(version {obj.get('format_version')}); upgrade revwire"
-        )
-    for key in ("spec", "state_dict", "rewire_options", "input_shapes"):
-        if key not in obj:
-            raise CheckpointError(f"revwire file {path} is incomplete: it has no '{key}'")
-    extract_state_dict(obj["state_dict"], source=f"revwire file {path}")
+    if "format_version" not in obj:
+        raise CheckpointError(f"revwire file {path} is incomplete: it has no 'format_version'")
+    _check_record(obj, path)
     return dict(obj)
 
 
@@ -473,19 +557,34 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
             f"revwire file {path} names code to import and call ({', '.join(named[:3])}); if you trust "
             f"this file, load it with revwire.load(path, trust_code=True)"
         )
-    model = build_model(data["spec"], data.get("model_kwargs") or {})
-    dtype = _dtype(data.get("dtype") or "float32")
+    kwargs = data.get("model_kwargs", {})
+    try:
+        model = build_model(data["spec"], kwargs)
+    except SpecError as e:
+        raise CheckpointError(f"revwire file {path}: fields 'spec' and 'model_kwargs' do not build a model: {e}") from None
+    dtype = getattr(torch, data.get("dtype") or "float32")
     if dtype != torch.float32:
         model = model.to(dtype)
     gen_inputs = tuple(make_input(shape[1:], shape[0], seed=0, dtype=dtype) for shape in data["input_shapes"])
     example = gen_inputs[0] if len(gen_inputs) == 1 else gen_inputs
     state_dict = data["state_dict"]
     check_state_dict(model, state_dict, source=f"revwire file {path}", target=data["spec"])
-    rev = rewire(model, example, _options_in(data, path))
-    rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
+    options = _options_in(data, path)
+    try:
+        rev = rewire(model, example, options)
+    except InputError as e:
+        raise _field_error(path, "input_shapes", f"{_shown(data['input_shapes'])}: the model does not accept "
+                                                 f"inputs of these shapes: {e}") from None
+    except RewireError as e:
+        raise CheckpointError(f"revwire file {path}: rewiring its model with the stored 'rewire_options' "
+                              f"failed: {e}") from None
+    try:
+        rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
+    except RuntimeError as e:
+        raise _field_error(path, "state_dict", f"does not load: {_short(e, 300)}") from None
     if data.get("engine"):
         set_engine(rev, data["engine"])
-    record_spec(rev, data["spec"], data.get("model_kwargs") or {})
+    record_spec(rev, data["spec"], kwargs)
     rev.__dict__["revwire_input_shapes"] = [list(s) for s in data["input_shapes"]]
     if device is not None:
         rev = rev.to(device)

@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import os
+import re
 import textwrap
 
 import pytest
@@ -334,3 +335,70 @@ def test_export_state_dict(tmp_path, user_module, suffix):
     with pytest.raises(OutputError, match="is the input file"):
         revwire.export_state_dict(tmp_path / "rev.pt", tmp_path / "rev.pt", overwrite=True)
     assert _digest(tmp_path / "rev.pt") == before
+
+
+# --------------------------------------------------------------------------- hostile revwire files
+
+
+@pytest.fixture
+def saved(tmp_path, user_module):
+    """The metadata of a valid revwire file of the user module's model."""
+    _, rev = _rewired(user_module)
+    revwire.save(rev, tmp_path / "rev.pt")
+    return torch.load(tmp_path / "rev.pt", weights_only=True)
+
+
+_HUGE = [1, 8, 10**7, 10**7]  # 8e14 elements: 3.2e15 bytes of float32
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("format_version", "x", "must be an integer from 1 to 1, got 'x'"),
+    ("format_version", None, "must be an integer from 1 to 1, got None"),
+    ("format_version", True, "must be an integer from 1 to 1, got True"),
+    ("format_version", 0, "must be an integer from 1 to 1, got 0"),
+    ("format_version", 99, "is 99: the file was written by revwire .* in a newer format; upgrade revwire"),
+    ("revwire_version", 5, "must be a string, got 5"),
+    ("spec", 5, "invalid model spec 5"),
+    ("spec", "keras:resnet", "unknown kind 'keras'"),
+    ("model_kwargs", [1, 2], "must be a dict of constructor arguments, got a list"),
+    ("model_kwargs", {1: 2}, "must be a dict of constructor arguments, got a key 1"),
+    ("model_kwargs", {"no_such_arg": 1}, "fields 'spec' and 'model_kwargs' do not build a model: cannot build"),
+    ("input_shapes", "abc", "must be a non-empty list of shapes"),
+    ("input_shapes", [], "must be a non-empty list of shapes"),
+    ("input_shapes", [[4, -8]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers, got \[4, -8\]"),
+    ("input_shapes", [[4, 8.5]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers"),
+    ("input_shapes", [[True, 8]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers"),
+    ("input_shapes", [_HUGE], r"input_shapes\[0\]' asks for 800,000,000,000,000 elements; at most 134,217,728 in all"),
+    ("input_shapes", [[4, 8]] * 3 + [[2**26, 2]], r"input_shapes\[3\]' asks for 134,217,728 elements \(134,217,824 with the inputs before it\); at most"),
+    ("input_shapes", [[4, 16]], "the model does not accept inputs of these shapes"),
+    ("rewire_options", "fast", "must be a dict, got a str"),
+    ("rewire_options", {"turbo": True}, r"unknown rewire option\(s\) \['turbo'\]"),
+    ("rewire_options", {"min_blocks": "2"}, "min_blocks must be an integer >= 1, got '2'"),
+    ("rewire_options", {"engine": "fast"}, "engine must be one of"),
+    ("rewire_options", {"leaf_modules": [3]}, "leaf_modules must be a list of 'package.module:Name'"),
+    ("engine", "fast", r"must be one of \('reversible', 'autograd'\) or None, got 'fast'"),
+    ("engine", 3, r"must be one of \('reversible', 'autograd'\) or None, got 3"),
+    ("dtype", "int64", r"must be one of \('float32', 'float64', 'float16', 'bfloat16'\), got 'int64'"),
+    ("dtype", "nope", r"must be one of .*, got 'nope'"),
+    ("state_dict", [1, 2], "must be a dict of tensors, got a list"),
+    ("state_dict", {"head.bias": 1}, "must be a dict of tensors, got 'head.bias': int"),
+    ("state_dict", {}, "is empty"),
+])
+def test_load_refuses_hostile_fields(tmp_path, saved, field, value, words):
+    """Each bad field is a CheckpointError naming the file and the field, before any
+    allocation of the stored input size."""
+    path = tmp_path / "bad.pt"
+    torch.save(dict(saved, **{field: value}), path)
+    with pytest.raises(CheckpointError) as e:
+        revwire.load(path, trust_code=True)
+    message = str(e.value)
+    assert message.startswith(f"revwire file {path}: field") and f"'{field}" in message, message
+    assert re.search(words, message), message
+
+
+@pytest.mark.parametrize("field", ["format_version", "spec", "state_dict", "rewire_options", "input_shapes"])
+def test_load_refuses_incomplete_files(tmp_path, saved, field):
+    path = tmp_path / "bad.pt"
+    torch.save({k: v for k, v in saved.items() if k != field}, path)
+    with pytest.raises(CheckpointError, match=rf"revwire file .*bad.pt is incomplete: it has no '{field}'"):
+        revwire.load(path, trust_code=True)
