@@ -20,11 +20,14 @@ renamed over the target, so a failure never leaves a partial or overwritten outp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -90,50 +93,76 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While in the block, SIGTERM (what `timeout` and job schedulers send) raises
+    SystemExit(143), as SIGINT raises KeyboardInterrupt, so that `finally` clauses run
+    before the process ends. Only where SIGTERM has its default action (a program's own
+    handler is left alone) and in the main thread (the only one signals reach)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    raised = False
+
+    def terminate(signum, frame):
+        nonlocal raised
+        if not raised:  # a second SIGTERM does not interrupt the cleanup of the first
+            raised = True
+            raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = False) -> None:
     """Call `write(tmp_path)` to write a temporary file next to `path`, then rename it
-    to `path`. On any failure the temporary file is removed and `path` is untouched.
-    Without `overwrite`, an existing `path` is never replaced, even one created while
-    writing."""
+    to `path`. On any failure, and on SIGINT or SIGTERM, the temporary file is removed
+    and `path` is untouched. Without `overwrite`, an existing `path` is never replaced,
+    even one created while writing."""
     path = check_output_path(path, overwrite=overwrite)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
+    with _sigterm_raises():
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-        except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
-            raise OutputError(f"cannot write {path}: {_short(e)}") from None
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path exists: never clobbers
-            except FileExistsError:
-                raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
-            except OSError:  # no hard links on this file system
-                if os.path.lexists(path):
-                    raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename durable
-        dfd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.close(fd)
+            try:
+                write(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_umask())
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
+                raise OutputError(f"cannot write {path}: {_short(e)}") from None
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if path exists: never clobbers
+                except FileExistsError:
+                    raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+                except OSError:  # no hard links on this file system
+                    if os.path.lexists(path):
+                        raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+                    os.replace(tmp, path)
         finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        try:  # make the rename durable
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *, overwrite: bool,

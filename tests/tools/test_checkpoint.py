@@ -3,6 +3,9 @@ import argparse
 import hashlib
 import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -402,3 +405,77 @@ def test_load_refuses_incomplete_files(tmp_path, saved, field):
     torch.save({k: v for k, v in saved.items() if k != field}, path)
     with pytest.raises(CheckpointError, match=rf"revwire file .*bad.pt is incomplete: it has no '{field}'"):
         revwire.load(path, trust_code=True)
+
+
+# --------------------------------------------------------------------------- signals while writing
+
+_CHILD = """
+import signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a job scheduler's child has them
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import torch, revwire
+from revwire.tools import checkpoint, cli
+
+def blocked_save(obj, f, *args, **kwargs):
+    with open(f, "wb") as out:
+        out.write(b"partial")
+    with open(int(ready), "w") as pipe:  # the temporary file exists: the parent may signal now
+        pipe.write(f)
+    sys.stdin.read()  # blocks until the signal arrives (the parent never closes stdin)
+    raise AssertionError("not signalled")
+
+torch.save = blocked_save
+ready, command, out = sys.argv[1:4]
+if command == "save":
+    from revwire_ckpt_models import Gate, Net
+    rev = revwire.rewire(Net(), torch.randn(2, 8), leaf_modules=(Gate,))
+    revwire.save(rev, out, spec="module:revwire_ckpt_models:Net")
+else:
+    sys.exit(cli.main([command, *sys.argv[4:], "-o", out]))
+"""
+
+
+@pytest.mark.parametrize("command, sig, status", [
+    ("save", "SIGTERM", 143),
+    ("save", "SIGINT", 1),  # an uncaught KeyboardInterrupt
+    ("convert", "SIGTERM", 143),
+    ("convert", "SIGINT", 130),
+    ("export", "SIGTERM", 143),
+])
+def test_signal_while_writing_leaves_no_file(tmp_path, user_module, command, sig, status):
+    """SIGTERM (what `timeout` and job schedulers send) and SIGINT in the middle of a write:
+    the temporary file is removed, the output never appears. The child blocks inside its
+    (patched) torch.save until the signal comes: no sleeps."""
+    src = tmp_path / "src"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = []
+    if command == "convert":
+        args = [user_module, "--random-init", "--input-size", "8", "--leaf-module", f"{MODULE}:Gate"]
+    elif command == "export":
+        revwire.save(_rewired(user_module)[1], tmp_path / "rev.pt")
+        args = [str(tmp_path / "rev.pt")]
+    out = out_dir / "o.pt"
+    root = os.path.dirname(os.path.dirname(revwire.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(src)]), OMP_NUM_THREADS="1")
+    ready, ready_w = os.pipe()
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ready_w), command, str(out), *args], env=env,
+                                cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+                                pass_fds=(ready_w,))
+        os.close(ready_w)
+        try:
+            with os.fdopen(ready) as pipe:
+                tmp = pipe.read()  # until the child closes it: inside the write, or dead
+            assert tmp, (tmp_path / "stderr").read_text()
+            assert os.listdir(out_dir) == [os.path.basename(tmp)] and tmp.endswith(".tmp")
+            proc.send_signal(getattr(signal, sig))
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+    assert os.listdir(out_dir) == []
+    assert proc.returncode == status, (tmp_path / "stderr").read_text()
+    if command == "convert" and sig == "SIGINT":
+        assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == "revwire: interrupted"
