@@ -28,6 +28,7 @@ import pickle
 import signal
 import tempfile
 import threading
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -48,6 +49,8 @@ MAX_INPUT_ELEMENTS = 2**27
 MAX_INPUT_RANK = 8
 PathLike = Union[str, "os.PathLike[str]"]
 
+# how the legacy (pre-zip) torch.save format starts: its magic number, pickled
+_TORCH_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # as timm's clean_state_dict
 
 
@@ -226,9 +229,11 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
             raise CheckpointError(f"{what} {path} is not a valid safetensors file (corrupt or truncated?): {_short(e)}") from None
     try:
         # timm training checkpoints often hold an argparse.Namespace under `args`.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        _refuse_plain_pickle(path, what)
         unsafe = []
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -246,9 +251,26 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
             IndexError, TypeError, UnicodeDecodeError, MemoryError) as e:
+        _refuse_plain_pickle(path, what)
         raise CheckpointError(
             f"{what} {path} is not a readable PyTorch or safetensors file (corrupt or truncated?): {_short(e)}"
         ) from None
+    for w in caught:  # torch's warnings, only for a file that loads: a bad file is one error line
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
+def _refuse_plain_pickle(path: str, what: str) -> None:
+    """A `pickle.dump` file (torch.save writes a zip archive, or, before torch 1.6, a pickle
+    that starts with torch's magic number) is refused in one line, unread."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head[:1] == b"\x80" and _TORCH_MAGIC not in head:
+        raise CheckpointError(
+            f"{what} {path} is a plain pickle file (pickle.dump), not a torch.save or safetensors file; it "
+            f"is not unpickled (that can run any code): if you trust it, unpickle it yourself and save its "
+            f"state_dict with torch.save(state_dict, PATH)"
+        )
 
 
 def _strip_wrappers(state_dict: Mapping[str, Any]) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -293,8 +294,17 @@ def test_unknown_model(capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.mark.parametrize("case", ["missing", "directory", "corrupt", "truncated", "truncated_safetensors",
-                                  "other_architecture", "other_num_classes"])
+                                  "raw_pickle", "raw_pickle_running_code", "other_architecture",
+                                  "other_num_classes"])
 def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
     path, sd = ckpts["resnet18"]
     spec, extra = "timm:resnet18", []
@@ -314,6 +324,10 @@ def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
         full = open(ckpts["vit"][0], "rb").read()
         path, words = tmp_path / "cut.safetensors", ["not a valid safetensors file"]
         path.write_bytes(full[:-1000])
+    elif case.startswith("raw_pickle"):  # pickle.dump, not torch.save: one line, nothing unpickled
+        path, words = tmp_path / "raw.pkl", ["is a plain pickle file", "torch.save(state_dict, PATH)"]
+        with open(path, "wb") as f:
+            pickle.dump(_RunsCode(tmp_path / "ran") if case.endswith("code") else sd, f)
     elif case == "other_architecture":
         spec, words = "timm:resnet34", ["does not match timm:resnet34", "missing keys: layer1.2.conv1.weight"]
     elif case == "other_num_classes":
@@ -324,6 +338,7 @@ def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
     out = tmp_path / "out.pt"
     rc, stdout, err = run(capsys, "convert", spec, "--checkpoint", path, "-o", out, "--input-size", "3,64,64", *extra)
     assert_bad_input(rc, stdout, err, *words)
+    assert not (tmp_path / "ran").exists()
     assert sorted(os.listdir(tmp_path)) == listing  # nothing written, no temporary left
     if before is not None:
         assert _digest(path) == before
