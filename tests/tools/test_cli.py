@@ -387,6 +387,13 @@ def test_bad_model_arguments_and_inputs(capsys, user_module):
     assert rc == 2 and "C,H,W" in err and "Traceback" not in err
 
 
+def test_wrong_rank_input(capsys):
+    rc, out, err = run(capsys, "inspect", "timm:vit_tiny_patch16_224", "--input-size", "64")
+    assert_bad_input(rc, out, err, "VisionTransformer takes 4-D inputs (batch, C, H, W), but the example input "
+                                   "has shape (1, 64) (2-D)", "--input-size")
+    assert "IndexError" not in err
+
+
 def test_export_bad_input(capsys, tmp_path, ckpts):
     plain = ckpts["resnet18"][0]
     rc, out, err = run(capsys, "export", plain, "-o", tmp_path / "p.pth")
