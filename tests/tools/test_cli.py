@@ -403,6 +403,17 @@ def test_export_bad_input(capsys, tmp_path, ckpts):
     assert os.listdir(tmp_path) == []
 
 
+def test_export_of_a_tampered_revwire_file(capsys, tmp_path, user_module):
+    rc, out, err = run(capsys, "convert", f"module:{user_module}:chain", "--random-init", "--input-size", "8",
+                       "-o", tmp_path / "rev.pt")
+    assert rc == 0, err
+    data = torch.load(tmp_path / "rev.pt", weights_only=True)
+    torch.save(dict(data, format_version="x"), tmp_path / "bad.pt")
+    rc, out, err = run(capsys, "export", tmp_path / "bad.pt", "-o", tmp_path / "p.pth")
+    assert_bad_input(rc, out, err, "bad.pt: field 'format_version' must be an integer from 1 to 1, got 'x'")
+    assert not (tmp_path / "p.pth").exists()
+
+
 def test_torchvision_pretrained_offline(capsys, tmp_path, monkeypatch):
     import urllib.error
 
