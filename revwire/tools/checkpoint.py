@@ -229,9 +229,11 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
             raise CheckpointError(f"{what} {path} is not a valid safetensors file (corrupt or truncated?): {_short(e)}") from None
     try:
         # timm training checkpoints often hold an argparse.Namespace under `args`.
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # torch.load's warnings are about its own reading (pickle protocol, sparse tensor
+        # checks), nothing to act on: without them a bad file is one error line.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         _refuse_plain_pickle(path, what)
         unsafe = []
@@ -255,9 +257,6 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointError(
             f"{what} {path} is not a readable PyTorch or safetensors file (corrupt or truncated?): {_short(e)}"
         ) from None
-    for w in caught:  # torch's warnings, only for a file that loads: a bad file is one error line
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return obj
 
 
 def _refuse_plain_pickle(path: str, what: str) -> None:
@@ -549,7 +548,7 @@ def _check_record(obj: Mapping[str, Any], path: str) -> None:
     _check_rewire_options(obj["rewire_options"], path)
     if obj.get("engine") not in (None, *ENGINES):
         raise _field_error(path, "engine", f"must be one of {ENGINES} or None, got {_shown(obj['engine'])}")
-    if obj.get("dtype") not in (None, *STREAM_DTYPES):
+    if obj.get("dtype") not in (None, *STREAM_DTYPES):  # the floating dtypes revwire handles
         raise _field_error(path, "dtype", f"must be one of {STREAM_DTYPES}, got {_shown(obj['dtype'])}")
     state_dict = obj["state_dict"]
     if not isinstance(state_dict, Mapping):
@@ -559,6 +558,9 @@ def _check_record(obj: Mapping[str, Any], path: str) -> None:
     for k, v in state_dict.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise _field_error(path, "state_dict", f"must be a dict of tensors, got {_shown(k)}: {type(v).__name__}")
+        if v.layout != torch.strided or v.is_complex():
+            raise _field_error(path, "state_dict", f"holds {_shown(k)}, a {v.layout} {v.dtype} tensor: only dense "
+                                                   f"real tensors load into a model")
 
 
 def read_revwire_file(path: PathLike) -> Dict[str, Any]:
@@ -627,12 +629,8 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
         raise _field_error(path, "input_shapes", f"{_shown(data['input_shapes'])}: the model does not accept "
                                                  f"inputs of these shapes: {e}") from None
     except RewireError as e:
-        raise CheckpointError(f"revwire file {path}: rewiring its model with the stored 'rewire_options' "
-                              f"failed: {e}") from None
-    try:
-        rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
-    except RuntimeError as e:
-        raise _field_error(path, "state_dict", f"does not load: {_short(e, 300)}") from None
+        raise _field_error(path, "rewire_options", f"does not rewire its model: {e}") from None
+    rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
     if data.get("engine"):
         set_engine(rev, data["engine"])
     record_spec(rev, data["spec"], kwargs)

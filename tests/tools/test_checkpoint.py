@@ -379,6 +379,7 @@ _HUGE = [1, 8, 10**7, 10**7]  # 8e14 elements: 3.2e15 bytes of float32
     ("rewire_options", {"min_blocks": "2"}, "min_blocks must be an integer >= 1, got '2'"),
     ("rewire_options", {"engine": "fast"}, "engine must be one of"),
     ("rewire_options", {"leaf_modules": [3]}, "leaf_modules must be a list of 'package.module:Name'"),
+    ("rewire_options", {"min_blocks": 99}, "does not rewire its model: no chain of >= 99"),
     ("engine", "fast", r"must be one of \('reversible', 'autograd'\) or None, got 'fast'"),
     ("engine", 3, r"must be one of \('reversible', 'autograd'\) or None, got 3"),
     ("dtype", "int64", r"must be one of \('float32', 'float64', 'float16', 'bfloat16'\), got 'int64'"),
@@ -386,11 +387,16 @@ _HUGE = [1, 8, 10**7, 10**7]  # 8e14 elements: 3.2e15 bytes of float32
     ("state_dict", [1, 2], "must be a dict of tensors, got a list"),
     ("state_dict", {"head.bias": 1}, "must be a dict of tensors, got 'head.bias': int"),
     ("state_dict", {}, "is empty"),
+    ("state_dict", {"head.bias": torch.ones(3).to_sparse()}, "holds 'head.bias', a torch.sparse_coo torch.float32 "
+                                                             "tensor: only dense real tensors"),
+    ("state_dict", {"head.bias": torch.ones(3, dtype=torch.complex64)}, "a torch.strided torch.complex64 tensor"),
 ])
 def test_load_refuses_hostile_fields(tmp_path, saved, field, value, words):
     """Each bad field is a CheckpointError naming the file and the field, before any
     allocation of the stored input size."""
     path = tmp_path / "bad.pt"
+    if field == "rewire_options" and isinstance(value, dict):
+        value = dict(saved["rewire_options"], **value)  # one option tampered with
     torch.save(dict(saved, **{field: value}), path)
     with pytest.raises(CheckpointError) as e:
         revwire.load(path, trust_code=True)
