@@ -1,6 +1,7 @@
 """`revwire.rewire`: trace -> shapes -> match -> rewrite, and `revwire.report`."""
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Optional
 
@@ -43,6 +44,37 @@ def _example_inputs(model: nn.Module, example_inputs) -> tuple:
     )
 
 
+_LAYOUTS = {3: "(batch, C, L)", 4: "(batch, C, H, W)", 5: "(batch, C, T, H, W)"}
+
+
+def _input_rank(model: nn.Module) -> Optional[int]:
+    """The rank of the model's (first) input, where the model says it: timm's
+    `pretrained_cfg["input_size"]`, else a convolution as its first layer with weights."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return len(cfg["input_size"]) + 1
+    first = next((m for m in model.modules()
+                  if not next(m.children(), None) and next(m.parameters(recurse=False), None) is not None), None)
+    return first.weight.dim() if isinstance(first, nn.modules.conv._ConvNd) else None
+
+
+def _check_rank(model: nn.Module, inputs: tuple) -> None:
+    """An `InputError` saying the rank the model takes, when the first input has another."""
+    rank, x = _input_rank(model), inputs[0]
+    if rank is not None and x.dim() != rank:
+        layout = _LAYOUTS.get(rank, f"with {rank} dimensions")
+        raise InputError(
+            f"{type(model).__name__} takes {rank}-D inputs {layout}, but the example input has shape "
+            f"{tuple(x.shape)} ({x.dim()}-D): pass a batch of shape {layout}"
+        )
+
+
+def _compiled_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module inside `torch.compile(module)` (an OptimizedModule), else None."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile loaded it (slow to import)
+    return model._orig_mod if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) else None
+
+
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
     """Plain attributes users read on a model (timm's pretrained_cfg, num_classes, ...)."""
     plain = {name: value for name, value in vars(model).items()
@@ -68,14 +100,21 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     equal `model`'s. Options (`min_blocks`, `post_activation`, `leaf_modules`,
     `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`) are the
     fields of `revwire.RewireOptions`: pass them as keywords, or as `options=`.
-    See `revwire.report(result)` for what was converted.
+    See `revwire.report(result)` for what was converted. A `torch.compile`d model is
+    rewired through the module it compiles (`_orig_mod`), with a warning: compile the
+    result again.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"rewire expects an nn.Module, got {type(model).__name__}")
+    given, model = model, _compiled_module(model) or model
     opts = RewireOptions.from_kwargs(options, **option_values)
     inputs = _example_inputs(model, example_inputs)
     gm = trace(model, len(inputs), leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions)
-    propagate(gm, inputs)
+    try:
+        propagate(gm, inputs)
+    except InputError:
+        _check_rank(model, inputs)
+        raise
     unbind_unpacked_tensors(gm)
     found = match(gm, min_blocks=opts.min_blocks, post_activation=opts.post_activation)
     report = rewrite(gm, found, opts, type(model).__name__)
@@ -86,7 +125,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
         if opts.strict:
             raise NoChainError(message + ". Pass strict=False to get the model back unchanged.")
         warnings.warn(message + "; returning the model unchanged", stacklevel=2)
-        return model
+        return given
     gm.graph.lint()
     gm.recompile()
     # the root's flag only: `gm.train()` would also reset the modes of the user's modules
@@ -97,6 +136,10 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     _check_same_parameters(model, gm)
     _preserve(gm, revwire_report=report, revwire_options=opts,
               revwire_input_shapes=[list(t.shape) for t in inputs])
+    if given is not model:
+        warnings.warn(f"rewire got torch.compile({type(model).__name__}) and rewired the module it compiles "
+                      f"(its _orig_mod); the result runs eagerly: compile it with torch.compile(rewired)",
+                      stacklevel=2)
     return gm
 
 

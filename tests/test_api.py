@@ -340,6 +340,50 @@ def test_bad_example_inputs_raise_input_error(bad):
         revwire.rewire(Net(), bad)
 
 
+class ConvNet(nn.Module):
+    """A conv stem and residual conv blocks: no pretrained_cfg."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("make, shape, words", [
+    (tiny_vit, (2, 32, 32), r"VisionTransformer takes 4-D inputs \(batch, C, H, W\), but the example input has "
+                            r"shape \(2, 32, 32\) \(3-D\)"),
+    (tiny_vit, (2, 3, 4, 32, 32), r"VisionTransformer takes 4-D inputs .* shape \(2, 3, 4, 32, 32\) \(5-D\)"),
+    (ConvNet, (2, 8), r"ConvNet takes 4-D inputs \(batch, C, H, W\), but the example input has shape \(2, 8\)"),
+])
+def test_wrong_rank_input_says_the_rank(make, shape, words):
+    model = make()
+    p = next(model.parameters())
+    with pytest.raises(revwire.InputError, match=words) as e:
+        revwire.rewire(model, torch.randn(shape, dtype=p.dtype))
+    assert "IndexError" not in str(e.value) and "Proxy" not in str(e.value)
+
+
+def test_compiled_model_is_unwrapped_with_a_warning():
+    model = Net()
+    compiled = torch.compile(model)
+    with pytest.warns(UserWarning, match=r"torch\.compile\(Net\).*_orig_mod.*torch\.compile\(rewired\)"):
+        rev = revwire.rewire(compiled, torch.randn(2, 3))
+    assert revwire.report(rev).num_blocks == 4
+    assert all(rev.get_parameter(n) is p for n, p in model.named_parameters())
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(rev.eval()(x), revwire.rewire(model, x).eval()(x), rtol=0, atol=0)
+    plain = torch.compile(NoResidual())
+    with pytest.warns(UserWarning, match="unchanged") as caught:  # nothing to rewire: the model as given
+        assert revwire.rewire(plain, torch.randn(2, 3), strict=False) is plain
+    assert not any("_orig_mod" in str(w.message) for w in caught)
+
+
 def test_missing_example_inputs():
     with pytest.raises(revwire.InputError, match="example_inputs"):
         revwire.rewire(Net())

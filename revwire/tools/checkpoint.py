@@ -20,9 +20,15 @@ renamed over the target, so a failure never leaves a partial or overwritten outp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import math
 import os
 import pickle
+import signal
 import tempfile
+import threading
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,15 +37,20 @@ from torch import nn
 
 from .. import __version__
 from ..api import rewire
-from ..errors import CheckpointError, OutputError, RewireError
-from ..options import RewireOptions
+from ..errors import CheckpointError, InputError, OutputError, RewireError, SpecError
+from ..options import ENGINES, STREAM_DTYPES, RewireOptions
 from ..runtime.stage import set_engine, stages
 from .specs import build_model, make_input, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
 FORMAT_VERSION = 1
+# `load` allocates the example inputs a file asks for: bound them (the largest is 512 MiB of float32)
+MAX_INPUT_ELEMENTS = 2**27
+MAX_INPUT_RANK = 8
 PathLike = Union[str, "os.PathLike[str]"]
 
+# how the legacy (pre-zip) torch.save format starts: its magic number, pickled
+_TORCH_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # as timm's clean_state_dict
 
 
@@ -85,50 +96,76 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While in the block, SIGTERM (what `timeout` and job schedulers send) raises
+    SystemExit(143), as SIGINT raises KeyboardInterrupt, so that `finally` clauses run
+    before the process ends. Only where SIGTERM has its default action (a program's own
+    handler is left alone) and in the main thread (the only one signals reach)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    raised = False
+
+    def terminate(signum, frame):
+        nonlocal raised
+        if not raised:  # a second SIGTERM does not interrupt the cleanup of the first
+            raised = True
+            raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = False) -> None:
     """Call `write(tmp_path)` to write a temporary file next to `path`, then rename it
-    to `path`. On any failure the temporary file is removed and `path` is untouched.
-    Without `overwrite`, an existing `path` is never replaced, even one created while
-    writing."""
+    to `path`. On any failure, and on SIGINT or SIGTERM, the temporary file is removed
+    and `path` is untouched. Without `overwrite`, an existing `path` is never replaced,
+    even one created while writing."""
     path = check_output_path(path, overwrite=overwrite)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
+    with _sigterm_raises():
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-        except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
-            raise OutputError(f"cannot write {path}: {_short(e)}") from None
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path exists: never clobbers
-            except FileExistsError:
-                raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
-            except OSError:  # no hard links on this file system
-                if os.path.lexists(path):
-                    raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename durable
-        dfd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.close(fd)
+            try:
+                write(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_umask())
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
+                raise OutputError(f"cannot write {path}: {_short(e)}") from None
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if path exists: never clobbers
+                except FileExistsError:
+                    raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+                except OSError:  # no hard links on this file system
+                    if os.path.lexists(path):
+                        raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+                    os.replace(tmp, path)
         finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        try:  # make the rename durable
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *, overwrite: bool,
@@ -192,9 +229,13 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
             raise CheckpointError(f"{what} {path} is not a valid safetensors file (corrupt or truncated?): {_short(e)}") from None
     try:
         # timm training checkpoints often hold an argparse.Namespace under `args`.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch.load's warnings are about its own reading (pickle protocol, sparse tensor
+        # checks), nothing to act on: without them a bad file is one error line.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        _refuse_plain_pickle(path, what)
         unsafe = []
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -212,9 +253,23 @@ def read_file(path: PathLike, what: str = "checkpoint") -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
             IndexError, TypeError, UnicodeDecodeError, MemoryError) as e:
+        _refuse_plain_pickle(path, what)
         raise CheckpointError(
             f"{what} {path} is not a readable PyTorch or safetensors file (corrupt or truncated?): {_short(e)}"
         ) from None
+
+
+def _refuse_plain_pickle(path: str, what: str) -> None:
+    """A `pickle.dump` file (torch.save writes a zip archive, or, before torch 1.6, a pickle
+    that starts with torch's magic number) is refused in one line, unread."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head[:1] == b"\x80" and _TORCH_MAGIC not in head:
+        raise CheckpointError(
+            f"{what} {path} is a plain pickle file (pickle.dump), not a torch.save or safetensors file; it "
+            f"is not unpickled (that can run any code): if you trust it, unpickle it yourself and save its "
+            f"state_dict with torch.save(state_dict, PATH)"
+        )
 
 
 def _strip_wrappers(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
@@ -327,22 +382,11 @@ def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    if isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in revwire file")
-    return dt
-
-
 def _options_in(data: Mapping[str, Any], path: str) -> RewireOptions:
     try:
         return RewireOptions.from_dict(data["rewire_options"])
     except RewireError as e:
-        raise CheckpointError(f"revwire file {path}: {e}") from None
+        raise _field_error(path, "rewire_options", f"is wrong: {e}") from None
 
 
 def _input_shapes(rev: nn.Module) -> Optional[List[List[int]]]:
@@ -421,8 +465,107 @@ def save(rev: nn.Module, path: PathLike, *, overwrite: bool = True, spec: Option
     atomic_write(path, lambda tmp: torch.save(record, tmp), overwrite=overwrite)
 
 
+def _field_error(path: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"revwire file {path}: field '{field}' {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    return _short(repr(value), 80)
+
+
+def _check_input_shapes(shapes: Any, path: str) -> None:
+    """1 to `MAX_INPUT_RANK` positive ints per shape, at most `MAX_INPUT_ELEMENTS` elements
+    in all: `load` allocates these inputs."""
+    if not isinstance(shapes, (list, tuple)) or not shapes:
+        raise _field_error(path, "input_shapes", f"must be a non-empty list of shapes, got {_shown(shapes)}")
+    total = 0
+    for i, shape in enumerate(shapes):
+        field = f"input_shapes[{i}]"
+        if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= MAX_INPUT_RANK
+                and all(_is_int(n) and n >= 1 for n in shape)):
+            raise _field_error(path, field, f"must be a list of 1 to {MAX_INPUT_RANK} positive integers, "
+                                            f"got {_shown(shape)}")
+        n = math.prod(shape)
+        total += n
+        if total > MAX_INPUT_ELEMENTS:
+            before = f" ({total:,} with the inputs before it)" if i else ""
+            raise _field_error(path, field, f"asks for {n:,} elements{before}; at most "
+                                            f"{MAX_INPUT_ELEMENTS:,} in all are allowed (load allocates "
+                                            f"them): the file is corrupt or was tampered with")
+
+
+def _check_rewire_options(options: Any, path: str) -> None:
+    """Every value checked, nothing imported (the names of classes and functions are only
+    checked to be strings: `load` imports them once the file is trusted)."""
+    if not isinstance(options, Mapping):
+        raise _field_error(path, "rewire_options", f"must be a dict, got a {type(options).__name__}")
+    code = {f.name for f in dataclasses.fields(RewireOptions) if f.metadata["kind"] == "code"}
+    for name, value in options.items():
+        if not isinstance(name, str):
+            raise _field_error(path, "rewire_options", f"has a key {_shown(name)}, not an option name")
+        if name in code and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise _field_error(path, "rewire_options",
+                               f"is wrong: rewire option {name} must be a list of 'package.module:Name', "
+                               f"got {_shown(value)}")
+    try:
+        RewireOptions.from_dict({k: v for k, v in options.items() if k not in code})
+    except RewireError as e:
+        raise _field_error(path, "rewire_options", f"is wrong: {e}") from None
+
+
+def _check_record(obj: Mapping[str, Any], path: str) -> None:
+    """Type, range and size of every field `load` reads (`CheckpointError` naming it)."""
+    for key in ("revwire_version", "torch_version"):
+        if key in obj and not isinstance(obj[key], str):
+            raise _field_error(path, key, f"must be a string, got {_shown(obj[key])}")
+    version = obj["format_version"]
+    if not _is_int(version) or version < 1:
+        raise _field_error(path, "format_version",
+                           f"must be an integer from 1 to {FORMAT_VERSION}, got {_shown(version)}")
+    if version > FORMAT_VERSION:
+        raise _field_error(path, "format_version",
+                           f"is {version}: the file was written by revwire {obj.get('revwire_version')} in a "
+                           f"newer format; upgrade revwire (this is revwire {__version__}, format "
+                           f"{FORMAT_VERSION})")
+    for key in ("spec", "state_dict", "rewire_options", "input_shapes"):
+        if key not in obj:
+            raise CheckpointError(f"revwire file {path} is incomplete: it has no '{key}'")
+    try:
+        parse_spec(obj["spec"])
+    except SpecError as e:
+        raise _field_error(path, "spec", f"is wrong: {e}") from None
+    kwargs = obj.get("model_kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise _field_error(path, "model_kwargs", f"must be a dict of constructor arguments, got a {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise _field_error(path, "model_kwargs", f"must be a dict of constructor arguments, got a key {_shown(bad[0])}")
+    _check_input_shapes(obj["input_shapes"], path)
+    _check_rewire_options(obj["rewire_options"], path)
+    if obj.get("engine") not in (None, *ENGINES):
+        raise _field_error(path, "engine", f"must be one of {ENGINES} or None, got {_shown(obj['engine'])}")
+    if obj.get("dtype") not in (None, *STREAM_DTYPES):  # the floating dtypes revwire handles
+        raise _field_error(path, "dtype", f"must be one of {STREAM_DTYPES}, got {_shown(obj['dtype'])}")
+    state_dict = obj["state_dict"]
+    if not isinstance(state_dict, Mapping):
+        raise _field_error(path, "state_dict", f"must be a dict of tensors, got a {type(state_dict).__name__}")
+    if not state_dict:
+        raise _field_error(path, "state_dict", "is empty")
+    for k, v in state_dict.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _field_error(path, "state_dict", f"must be a dict of tensors, got {_shown(k)}: {type(v).__name__}")
+        if v.layout != torch.strided or v.is_complex():
+            raise _field_error(path, "state_dict", f"holds {_shown(k)}, a {v.layout} {v.dtype} tensor: only dense "
+                                                   f"real tensors load into a model")
+
+
 def read_revwire_file(path: PathLike) -> Dict[str, Any]:
-    """Read and validate a file written by `save` / `revwire convert`."""
+    """Read a file written by `save` / `revwire convert`, and check every field `load`
+    reads (`CheckpointError` naming the file and the field)."""
     path = os.fspath(path)
     obj = read_file(path, what="revwire file")
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
@@ -430,15 +573,9 @@ def read_revwire_file(path: PathLike) -> Dict[str, Any]:
             f"{path} is not a revwire file (written by `revwire convert` or revwire.save); "
             f"to convert a plain checkpoint use: revwire convert SPEC --checkpoint {path} -o OUT"
         )
-    if int(obj.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by revwire {obj.get('revwire_version')} in a newer format "
-            f"(version {obj.get('format_version')}); upgrade revwire"
-        )
-    for key in ("spec", "state_dict", "rewire_options", "input_shapes"):
-        if key not in obj:
-            raise CheckpointError(f"revwire file {path} is incomplete: it has no '{key}'")
-    extract_state_dict(obj["state_dict"], source=f"revwire file {path}")
+    if "format_version" not in obj:
+        raise CheckpointError(f"revwire file {path} is incomplete: it has no 'format_version'")
+    _check_record(obj, path)
     return dict(obj)
 
 
@@ -473,19 +610,30 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
             f"revwire file {path} names code to import and call ({', '.join(named[:3])}); if you trust "
             f"this file, load it with revwire.load(path, trust_code=True)"
         )
-    model = build_model(data["spec"], data.get("model_kwargs") or {})
-    dtype = _dtype(data.get("dtype") or "float32")
+    kwargs = data.get("model_kwargs", {})
+    try:
+        model = build_model(data["spec"], kwargs)
+    except SpecError as e:
+        raise CheckpointError(f"revwire file {path}: fields 'spec' and 'model_kwargs' do not build a model: {e}") from None
+    dtype = getattr(torch, data.get("dtype") or "float32")
     if dtype != torch.float32:
         model = model.to(dtype)
     gen_inputs = tuple(make_input(shape[1:], shape[0], seed=0, dtype=dtype) for shape in data["input_shapes"])
     example = gen_inputs[0] if len(gen_inputs) == 1 else gen_inputs
     state_dict = data["state_dict"]
     check_state_dict(model, state_dict, source=f"revwire file {path}", target=data["spec"])
-    rev = rewire(model, example, _options_in(data, path))
+    options = _options_in(data, path)
+    try:
+        rev = rewire(model, example, options)
+    except InputError as e:
+        raise _field_error(path, "input_shapes", f"{_shown(data['input_shapes'])}: the model does not accept "
+                                                 f"inputs of these shapes: {e}") from None
+    except RewireError as e:
+        raise _field_error(path, "rewire_options", f"does not rewire its model: {e}") from None
     rev.load_state_dict(state_dict, strict=True)  # after rewiring: buffers exactly as saved
     if data.get("engine"):
         set_engine(rev, data["engine"])
-    record_spec(rev, data["spec"], data.get("model_kwargs") or {})
+    record_spec(rev, data["spec"], kwargs)
     rev.__dict__["revwire_input_shapes"] = [list(s) for s in data["input_shapes"]]
     if device is not None:
         rev = rev.to(device)

@@ -2,6 +2,11 @@
 import argparse
 import hashlib
 import os
+import random
+import re
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -133,7 +138,7 @@ def test_read_bad_checkpoints(tmp_path, case, words):
     elif case == "empty":
         path.write_bytes(b"")
     elif case == "garbage":
-        path.write_bytes(os.urandom(1000))
+        path.write_bytes(b"GARBAGE" + random.Random(0).randbytes(1000))  # not a pickle opcode first
     elif case == "truncated":
         torch.save(sd, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -244,7 +249,6 @@ def test_unwritable_outputs(tmp_path, monkeypatch):
 
 def test_save_load_round_trip(tmp_path, user_module):
     model, rev = _rewired(user_module, width=8, depth=4)
-    gate = __import__(MODULE).Gate
     path = tmp_path / "rev.pt"
     revwire.save(rev, path)
     # Only JSON-able metadata and tensors: weights_only loading works.
@@ -348,3 +352,150 @@ def test_export_state_dict(tmp_path, user_module, suffix):
     with pytest.raises(OutputError, match="is the input file"):
         revwire.export_state_dict(tmp_path / "rev.pt", tmp_path / "rev.pt", overwrite=True)
     assert _digest(tmp_path / "rev.pt") == before
+
+
+# --------------------------------------------------------------------------- hostile revwire files
+
+
+@pytest.fixture
+def saved(tmp_path, user_module):
+    """The metadata of a valid revwire file of the user module's model."""
+    _, rev = _rewired(user_module)
+    revwire.save(rev, tmp_path / "rev.pt")
+    return torch.load(tmp_path / "rev.pt", weights_only=True)
+
+
+_HUGE = [1, 8, 10**7, 10**7]  # 8e14 elements: 3.2e15 bytes of float32
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("format_version", "x", "must be an integer from 1 to 1, got 'x'"),
+    ("format_version", None, "must be an integer from 1 to 1, got None"),
+    ("format_version", True, "must be an integer from 1 to 1, got True"),
+    ("format_version", 0, "must be an integer from 1 to 1, got 0"),
+    ("format_version", 99, "is 99: the file was written by revwire .* in a newer format; upgrade revwire"),
+    ("revwire_version", 5, "must be a string, got 5"),
+    ("spec", 5, "invalid model spec 5"),
+    ("spec", "keras:resnet", "unknown kind 'keras'"),
+    ("model_kwargs", [1, 2], "must be a dict of constructor arguments, got a list"),
+    ("model_kwargs", {1: 2}, "must be a dict of constructor arguments, got a key 1"),
+    ("model_kwargs", {"no_such_arg": 1}, "fields 'spec' and 'model_kwargs' do not build a model: cannot build"),
+    ("input_shapes", "abc", "must be a non-empty list of shapes"),
+    ("input_shapes", [], "must be a non-empty list of shapes"),
+    ("input_shapes", [[4, -8]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers, got \[4, -8\]"),
+    ("input_shapes", [[4, 8.5]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers"),
+    ("input_shapes", [[True, 8]], r"input_shapes\[0\]' must be a list of 1 to 8 positive integers"),
+    ("input_shapes", [_HUGE], r"input_shapes\[0\]' asks for 800,000,000,000,000 elements; at most 134,217,728 in all"),
+    ("input_shapes", [[4, 8]] * 3 + [[2**26, 2]], r"input_shapes\[3\]' asks for 134,217,728 elements \(134,217,824 with the inputs before it\); at most"),
+    ("input_shapes", [[4, 16]], "the model does not accept inputs of these shapes"),
+    ("rewire_options", "fast", "must be a dict, got a str"),
+    ("rewire_options", {"turbo": True}, r"unknown rewire option\(s\) \['turbo'\]"),
+    ("rewire_options", {"min_blocks": "2"}, "min_blocks must be an integer >= 1, got '2'"),
+    ("rewire_options", {"engine": "fast"}, "engine must be one of"),
+    ("rewire_options", {"leaf_modules": [3]}, "leaf_modules must be a list of 'package.module:Name'"),
+    ("rewire_options", {"min_blocks": 99}, "does not rewire its model: no chain of >= 99"),
+    ("engine", "fast", r"must be one of \('reversible', 'autograd'\) or None, got 'fast'"),
+    ("engine", 3, r"must be one of \('reversible', 'autograd'\) or None, got 3"),
+    ("dtype", "int64", r"must be one of \('float32', 'float64', 'float16', 'bfloat16'\), got 'int64'"),
+    ("dtype", "nope", r"must be one of .*, got 'nope'"),
+    ("state_dict", [1, 2], "must be a dict of tensors, got a list"),
+    ("state_dict", {"head.bias": 1}, "must be a dict of tensors, got 'head.bias': int"),
+    ("state_dict", {}, "is empty"),
+    ("state_dict", {"head.bias": torch.ones(3).to_sparse()}, "holds 'head.bias', a torch.sparse_coo torch.float32 "
+                                                             "tensor: only dense real tensors"),
+    ("state_dict", {"head.bias": torch.ones(3, dtype=torch.complex64)}, "a torch.strided torch.complex64 tensor"),
+])
+def test_load_refuses_hostile_fields(tmp_path, saved, field, value, words):
+    """Each bad field is a CheckpointError naming the file and the field, before any
+    allocation of the stored input size."""
+    path = tmp_path / "bad.pt"
+    if field == "rewire_options" and isinstance(value, dict):
+        value = dict(saved["rewire_options"], **value)  # one option tampered with
+    torch.save(dict(saved, **{field: value}), path)
+    with pytest.raises(CheckpointError) as e:
+        revwire.load(path, trust_code=True)
+    message = str(e.value)
+    assert message.startswith(f"revwire file {path}: field") and f"'{field}" in message, message
+    assert re.search(words, message), message
+
+
+@pytest.mark.parametrize("field", ["format_version", "spec", "state_dict", "rewire_options", "input_shapes"])
+def test_load_refuses_incomplete_files(tmp_path, saved, field):
+    path = tmp_path / "bad.pt"
+    torch.save({k: v for k, v in saved.items() if k != field}, path)
+    with pytest.raises(CheckpointError, match=rf"revwire file .*bad.pt is incomplete: it has no '{field}'"):
+        revwire.load(path, trust_code=True)
+
+
+# --------------------------------------------------------------------------- signals while writing
+
+_CHILD = """
+import signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a job scheduler's child has them
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import torch, revwire
+from revwire.tools import checkpoint, cli
+
+def blocked_save(obj, f, *args, **kwargs):
+    with open(f, "wb") as out:
+        out.write(b"partial")
+    with open(int(ready), "w") as pipe:  # the temporary file exists: the parent may signal now
+        pipe.write(f)
+    sys.stdin.read()  # blocks until the signal arrives (the parent never closes stdin)
+    raise AssertionError("not signalled")
+
+torch.save = blocked_save
+ready, command, out = sys.argv[1:4]
+if command == "save":
+    from revwire_ckpt_models import Gate, Net
+    rev = revwire.rewire(Net(), torch.randn(2, 8), leaf_modules=(Gate,))
+    revwire.save(rev, out, spec="module:revwire_ckpt_models:Net")
+else:
+    sys.exit(cli.main([command, *sys.argv[4:], "-o", out]))
+"""
+
+
+@pytest.mark.parametrize("command, sig, status", [
+    ("save", "SIGTERM", 143),
+    ("save", "SIGINT", 1),  # an uncaught KeyboardInterrupt
+    ("convert", "SIGTERM", 143),
+    ("convert", "SIGINT", 130),
+    ("export", "SIGTERM", 143),
+])
+def test_signal_while_writing_leaves_no_file(tmp_path, user_module, command, sig, status):
+    """SIGTERM (what `timeout` and job schedulers send) and SIGINT in the middle of a write:
+    the temporary file is removed, the output never appears. The child blocks inside its
+    (patched) torch.save until the signal comes: no sleeps."""
+    src = tmp_path / "src"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = []
+    if command == "convert":
+        args = [user_module, "--random-init", "--input-size", "8", "--leaf-module", f"{MODULE}:Gate"]
+    elif command == "export":
+        revwire.save(_rewired(user_module)[1], tmp_path / "rev.pt")
+        args = [str(tmp_path / "rev.pt")]
+    out = out_dir / "o.pt"
+    root = os.path.dirname(os.path.dirname(revwire.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(src)]), OMP_NUM_THREADS="1")
+    ready, ready_w = os.pipe()
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ready_w), command, str(out), *args], env=env,
+                                cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+                                pass_fds=(ready_w,))
+        os.close(ready_w)
+        try:
+            with os.fdopen(ready) as pipe:
+                tmp = pipe.read()  # until the child closes it: inside the write, or dead
+            assert tmp, (tmp_path / "stderr").read_text()
+            assert os.listdir(out_dir) == [os.path.basename(tmp)] and tmp.endswith(".tmp")
+            proc.send_signal(getattr(signal, sig))
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+    assert os.listdir(out_dir) == []
+    assert proc.returncode == status, (tmp_path / "stderr").read_text()
+    if command == "convert" and sig == "SIGINT":
+        assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == "revwire: interrupted"

@@ -2,6 +2,8 @@
 import hashlib
 import json
 import os
+import random
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -293,8 +295,17 @@ def test_unknown_model(capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.mark.parametrize("case", ["missing", "directory", "corrupt", "truncated", "truncated_safetensors",
-                                  "other_architecture", "other_num_classes"])
+                                  "raw_pickle", "raw_pickle_running_code", "other_architecture",
+                                  "other_num_classes"])
 def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
     path, sd = ckpts["resnet18"]
     spec, extra = "timm:resnet18", []
@@ -305,7 +316,7 @@ def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
         path, words = tmp_path, ["is a directory"]
     elif case == "corrupt":
         path, words = tmp_path / "bad.pth", ["not a readable PyTorch or safetensors file"]
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(b"GARBAGE" + random.Random(0).randbytes(4096))  # not a pickle opcode first
     elif case == "truncated":
         path, words = tmp_path / "cut.pth", ["not a readable PyTorch or safetensors file"]
         full = open(ckpts["resnet18"][0], "rb").read()
@@ -314,6 +325,10 @@ def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
         full = open(ckpts["vit"][0], "rb").read()
         path, words = tmp_path / "cut.safetensors", ["not a valid safetensors file"]
         path.write_bytes(full[:-1000])
+    elif case.startswith("raw_pickle"):  # pickle.dump, not torch.save: one line, nothing unpickled
+        path, words = tmp_path / "raw.pkl", ["is a plain pickle file", "torch.save(state_dict, PATH)"]
+        with open(path, "wb") as f:
+            pickle.dump(_RunsCode(tmp_path / "ran") if case.endswith("code") else sd, f)
     elif case == "other_architecture":
         spec, words = "timm:resnet34", ["does not match timm:resnet34", "missing keys: layer1.2.conv1.weight"]
     elif case == "other_num_classes":
@@ -324,6 +339,7 @@ def test_bad_checkpoints(case, ckpts, tmp_path, capsys):
     out = tmp_path / "out.pt"
     rc, stdout, err = run(capsys, "convert", spec, "--checkpoint", path, "-o", out, "--input-size", "3,64,64", *extra)
     assert_bad_input(rc, stdout, err, *words)
+    assert not (tmp_path / "ran").exists()
     assert sorted(os.listdir(tmp_path)) == listing  # nothing written, no temporary left
     if before is not None:
         assert _digest(path) == before
@@ -372,6 +388,13 @@ def test_bad_model_arguments_and_inputs(capsys, user_module):
     assert rc == 2 and "C,H,W" in err and "Traceback" not in err
 
 
+def test_wrong_rank_input(capsys):
+    rc, out, err = run(capsys, "inspect", "timm:vit_tiny_patch16_224", "--input-size", "64")
+    assert_bad_input(rc, out, err, "VisionTransformer takes 4-D inputs (batch, C, H, W), but the example input "
+                                   "has shape (1, 64) (2-D)", "--input-size")
+    assert "IndexError" not in err
+
+
 def test_export_bad_input(capsys, tmp_path, ckpts):
     plain = ckpts["resnet18"][0]
     rc, out, err = run(capsys, "export", plain, "-o", tmp_path / "p.pth")
@@ -379,6 +402,17 @@ def test_export_bad_input(capsys, tmp_path, ckpts):
     rc, out, err = run(capsys, "export", tmp_path / "none.pt", "-o", tmp_path / "p.pth")
     assert_bad_input(rc, out, err, "not found")
     assert os.listdir(tmp_path) == []
+
+
+def test_export_of_a_tampered_revwire_file(capsys, tmp_path, user_module):
+    rc, out, err = run(capsys, "convert", f"module:{user_module}:chain", "--random-init", "--input-size", "8",
+                       "-o", tmp_path / "rev.pt")
+    assert rc == 0, err
+    data = torch.load(tmp_path / "rev.pt", weights_only=True)
+    torch.save(dict(data, format_version="x"), tmp_path / "bad.pt")
+    rc, out, err = run(capsys, "export", tmp_path / "bad.pt", "-o", tmp_path / "p.pth")
+    assert_bad_input(rc, out, err, "bad.pt: field 'format_version' must be an integer from 1 to 1, got 'x'")
+    assert not (tmp_path / "p.pth").exists()
 
 
 def test_torchvision_pretrained_offline(capsys, tmp_path, monkeypatch):
