@@ -197,7 +197,10 @@ def _invert(ctx, g_a, g_b) -> tuple:
             g_older_b = g_a.add_(g_inp.to(g_a.dtype))
         else:
             g_older_b = run.own(g_a + g_inp.to(g_a.dtype))
-    run.pair = (older, a)
+    # The graph (and with it this `_Pass`) lives until the whole backward is done: the
+    # stage's first block lets go of the reconstructed input so the earlier stages'
+    # backward does not run beside it.
+    run.pair = (older, a) if i > 0 else None
     if i == 0 and run.finite:
         _raise_if_not_finite(run)
     n_params = len(aliases)

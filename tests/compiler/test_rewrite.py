@@ -1,5 +1,4 @@
 """Step 4 of the compiler: the emitted ReversibleStage computes the re2tal coupling (docs/design.md §2)."""
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
