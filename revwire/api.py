@@ -12,10 +12,12 @@ from .compiler.match import match
 from .compiler.normalize import unbind_unpacked_tensors
 from .compiler.report import Report
 from .compiler.rewrite import rewrite
+from .compiler.segments import checkpoint_segments
 from .compiler.shapes import propagate
 from .compiler.trace import trace
 from .errors import InputError, NoChainError, RewireError
 from .options import RewireOptions
+from .runtime.recompute import segments
 from .runtime.stage import stages
 
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
@@ -98,7 +100,8 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     `ReversibleStage`. The result is a `torch.fx.GraphModule` with the same call
     signature; its parameters are `model`'s own objects and its `state_dict()` keys
     equal `model`'s. Options (`min_blocks`, `post_activation`, `leaf_modules`,
-    `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`) are the
+    `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`,
+    `checkpoint_rest`) are the
     fields of `revwire.RewireOptions`: pass them as keywords, or as `options=`.
     See `revwire.report(result)` for what was converted. A `torch.compile`d model is
     rewired through the module it compiles (`_orig_mod`), with a warning: compile the
@@ -126,12 +129,14 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
             raise NoChainError(message + ". Pass strict=False to get the model back unchanged.")
         warnings.warn(message + "; returning the model unchanged", stacklevel=2)
         return given
+    if opts.checkpoint_rest:
+        checkpoint_segments(gm, report)
     gm.graph.lint()
     gm.recompile()
     # the root's flag only: `gm.train()` would also reset the modes of the user's modules
     gm.training = model.training
-    for stage in stages(gm):
-        stage.training = model.training
+    for module in (*stages(gm), *segments(gm)):
+        module.training = model.training
     _copy_plain_attributes(model, gm)
     _check_same_parameters(model, gm)
     _preserve(gm, revwire_report=report, revwire_options=opts,

@@ -53,6 +53,9 @@ class RewireOptions:
                                         "stores (the ground truth)", "choice", choices=ENGINES)
     check_finite: bool = _option(True, "raise ReconstructionError when backward reconstructs a "
                                        "non-finite value", "bool")
+    checkpoint_rest: bool = _option(
+        False, "recompute in backward the parts left out of reversible stages (stems, projection "
+               "blocks, short chains) instead of storing their activations", "bool", flag="--checkpoint-rest")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -45,7 +45,10 @@ def test_cli_flags_are_the_options_fields():
     for f in flagged:
         kind = f.metadata["kind"]
         value = _OTHER[kind](f.default, f) if kind != "code" else "torch.nn.modules.linear:Identity"
-        argv += [f.metadata["flag"], str(value).replace("torch.float", "float")]
+        if kind == "bool":
+            argv += [f.metadata["flag"] if value else "--no-" + f.metadata["flag"][2:]]
+        else:
+            argv += [f.metadata["flag"], str(value).replace("torch.float", "float")]
     args = build_parser().parse_args(argv)
     got = _rewire_options(args)
     for f in flagged:

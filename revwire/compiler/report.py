@@ -26,10 +26,19 @@ class SkippedInfo:
 
 
 @dataclass
+class SegmentInfo:
+    name: str  # the CheckpointedSegment's attribute name in the rewired model
+    scope: str  # the block it runs ("layer2.0"), or its first .. last node at the top level
+    shape: List[int]  # its input's shape (example inputs)
+    num_nodes: int
+
+
+@dataclass
 class Report:
     model: str
     chains: List[ChainInfo] = field(default_factory=list)
     skipped: List[SkippedInfo] = field(default_factory=list)
+    segments: List[SegmentInfo] = field(default_factory=list)  # checkpointed (checkpoint_rest)
 
     @property
     def num_blocks(self) -> int:
@@ -52,6 +61,9 @@ class Report:
                 lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
                 if k == 0:
                     lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.segments:
+            lines.append(f"checkpointed outside the stages ({len(self.segments)}): "
+                         + ", ".join(f"{s.name} [{s.scope}]" for s in self.segments))
         if self.skipped:
             lines.append(f"not converted ({len(self.skipped)}):")
             for s in self.skipped:

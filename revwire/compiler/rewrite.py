@@ -126,11 +126,11 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
         env[add] = out
         out = graph.node_copy(act, lambda a: env[a])
     graph.output(out)
-    _read_attributes_live(graph)
+    read_attributes_live(graph)
     return fx.GraphModule(root, graph, "RevwireBlock")
 
 
-def _read_attributes_live(graph: fx.Graph) -> None:
+def read_attributes_live(graph: fx.Graph) -> None:
     """`get_attr("a.b.weight")` becomes `getattr(get_attr("a.b"), "weight")`.
 
     A GraphModule copies the tensors its get_attr nodes name; a block is not registered

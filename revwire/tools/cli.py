@@ -291,6 +291,8 @@ def _add_option_flags(group) -> None:
         extra: Dict[str, Any] = {"choices": f.metadata["choices"]} if f.metadata["choices"] else {}
         if kind == "int":
             extra["type"] = _positive_int
+        if kind == "bool":  # --flag / --no-flag; None (the default) when neither is given
+            extra["action"] = argparse.BooleanOptionalAction
         if kind == "code":
             extra["action"] = "append"
             doc = f"{f.metadata['doc']} (repeatable)"
