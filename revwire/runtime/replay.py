@@ -121,3 +121,26 @@ def bound_params(slots, alias_of: Dict[int, torch.Tensor]) -> Iterator[None]:
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
+
+
+# NOTE [ Scratch running statistics ]
+# `frozen_running_stats` turns `track_running_stats` off, which makes BatchNorm run another
+# op (the no-stats variant) that saves other tensors for backward. A recompute matched to
+# the forward's saved tensors by position (non-reentrant `torch.utils.checkpoint`) must run
+# the same ops, so there the norms update scratch copies of their buffers instead, which
+# are dropped afterwards: the same ops, the same saved tensors, the batch counted once.
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def scratch_running_stats(norms: list):
+    """Recompute train-mode norms with the same ops, their statistics updates discarded."""
+    swapped = [(m, name, m._buffers[name]) for m in norms if m.training and m.track_running_stats
+               for name in _STAT_BUFFERS if m._buffers.get(name) is not None]
+    try:
+        for m, name, buf in swapped:
+            m._buffers[name] = buf.clone()
+        yield
+    finally:
+        for m, name, buf in swapped:
+            m._buffers[name] = buf
