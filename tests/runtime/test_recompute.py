@@ -213,3 +213,27 @@ def test_second_backward_raises():
     loss.backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
+
+
+class NormStem(nn.Module):
+    """Norms whose running statistics a naive recompute would update: cumulative-average
+    BatchNorm (momentum=None reads num_batches_tracked) and a stat-tracking InstanceNorm."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c, momentum=None)
+        self.inorm = nn.InstanceNorm2d(c, affine=True, track_running_stats=True)
+
+    def forward(self, x):
+        return self.inorm(torch.tanh(self.bn(self.conv(x))))  # tanh: BN stays visible to the grads
+
+
+def test_cumulative_batchnorm_and_instancenorm_count_each_batch_once():
+    model = Net().to(D).train()
+    model.stem = NormStem(4).to(D)
+    x = torch.randn(4, 3, 8, 8, dtype=D)
+    rev = rewired(model, x)
+    assert revwire.report(rev).segments[0].scope == "stem"
+    assert_match(rev, x, steps=3)
+    assert int(rev.stem.bn.num_batches_tracked) == 3
