@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -101,26 +101,6 @@ def frozen_running_stats(norms: list):
         for m, mean, var in hidden:
             m.running_mean = mean
             m.running_var = var
-
-
-@contextlib.contextmanager
-def bound_params(slots, alias_of: Dict[int, torch.Tensor]) -> Iterator[None]:
-    """Let every `(module, name)` slot holding a parameter p see `alias_of[id(p)]` instead.
-
-    A recompute differentiates detached aliases of the parameters, not the parameters:
-    `autograd.grad` runs the hooks of the tensors it differentiates, so a `p.register_hook`
-    would otherwise fire twice (in the recompute, and when the returned gradient reaches p).
-    Tied parameters (one Parameter under several names) all see the same alias.
-    """
-    swapped = [(m, name, m._parameters[name]) for m, name in slots
-               if m._parameters.get(name) is not None and id(m._parameters[name]) in alias_of]
-    try:
-        for m, name, p in swapped:
-            m._parameters[name] = alias_of[id(p)]
-        yield
-    finally:
-        for m, name, p in swapped:
-            m._parameters[name] = p
 
 
 # NOTE [ Scratch running statistics ]
