@@ -101,8 +101,8 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     signature; its parameters are `model`'s own objects and its `state_dict()` keys
     equal `model`'s. Options (`min_blocks`, `post_activation`, `leaf_modules`,
     `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`,
-    `checkpoint_rest`) are the
-    fields of `revwire.RewireOptions`: pass them as keywords, or as `options=`.
+    `checkpoint_rest`) are the fields of `revwire.RewireOptions`: pass them as keywords,
+    or as `options=`.
     See `revwire.report(result)` for what was converted. A `torch.compile`d model is
     rewired through the module it compiles (`_orig_mod`), with a warning: compile the
     result again.
