@@ -457,8 +457,10 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
                     autocast_dtype: Optional[torch.dtype] = None, device=None,
                     warmup: int = 1) -> PeakReport:
     """The step peak of one steady-state training step of `model` on `inputs`: forward
-    (under autocast if `autocast_dtype`), loss, backward, optimizer step (AdamW unless
-    `optimizer`). See NOTE [ The metered training step ].
+    (under autocast if `autocast_dtype`), loss, backward, optimizer step (AdamW, lr 1e-6,
+    unless `optimizer`), after `warmup` unmetered steps. It trains `model` (those steps
+    update its parameters) and leaves its gradients allocated (zeros). See NOTE [ The
+    metered training step ].
 
     `loss_fn(output, targets)` (or `loss_fn(output)` without targets; default:
     cross-entropy with targets, else the sum of the outputs' means). The report's
@@ -470,9 +472,10 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("train_step_peak: inputs must be a tensor or a non-empty tuple of tensors")
-    if not isinstance(warmup, int) or warmup < 1:
-        raise InputError(f"train_step_peak: warmup must be an integer >= 1 (the optimizer state must "
-                         f"exist before the metered step), got {warmup!r}")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < (0 if optimizer is not None else 1):
+        raise InputError(f"train_step_peak: warmup must be an integer >= 1 (>= 0 with an optimizer that "
+                         f"already stepped): the optimizer state must exist before the metered step; "
+                         f"got {warmup!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("train_step_peak: the model has no parameter that requires grad")
