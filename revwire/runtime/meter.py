@@ -198,7 +198,8 @@ class StepMeter(TorchDispatchMode):
             return None
 
     def _add(self, t, born: int, phase: str, op: str, module: str) -> int:
-        """Count t's storage if it is new (or resized); returns the bytes added."""
+        """Count t's storage if it is new; returns the bytes of a new storage (0 for one
+        already counted, whose size is brought up to date: `resize_`)."""
         st = self._storage(t)
         if st is None:
             return 0
@@ -208,8 +209,7 @@ class StepMeter(TorchDispatchMode):
         if rec is not None:
             if rec[0] != n:  # resized in place
                 self.live += n - rec[0]
-                delta, rec[0] = n - rec[0], n
-                return delta
+                rec[0] = n
             return 0
         shape, dtype = _describe(t)
         rec = [n, born, None, phase, op, module, shape, dtype]
