@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything issue 10's GPU figures need, in one run (about 5-8 minutes on one H100 / H200):
+# Everything issue 10's GPU figures need, in one run (estimated 5-8 minutes on one H100 / H200; not yet
+# run on a GPU):
 #   1. ViT-B/16 224², batch 128, bf16 autocast: vanilla / checkpoint / revwire, step peak
 #      (revwire.train_step_peak and the allocator's max_memory_allocated) and step time;
 #   2. swin3d_t 224², bf16: the largest frame count each method trains at (max-fit search);
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out-dir) [ $# -ge 2 ] || { echo "gpu.sh: --out-dir needs a directory" >&2; exit 2; }; OUT=$2; shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (use --dry-run, --out-dir DIR)" >&2; exit 2 ;;
   esac
   shift

@@ -100,7 +100,8 @@ def step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t
         "phase_act_peaks": {k: v - r.baseline for k, v in r.phase_peaks.items() if k != "run"},
         "fwbw_act_peak_bytes": max(r.phase_peaks.get(k, r.baseline) for k in ("forward", "backward")) - r.baseline,
         "peak_at": f"{r.peak_phase}:{r.peak_op}", "peak_module": r.peak_module,
-        "at_peak": [row.to_dict() for row in r.breakdown if row.phase != "baseline"][:top]}
+        "at_peak": [row.to_dict() for row in r.breakdown if row.phase != "baseline"][:top],
+        "at_peak_by_op": [row.to_dict() for row in r.by_op() if row.phase != "baseline"][:top]}
     if r.cuda is not None:
         out["cuda_peak_bytes"] = r.cuda["max_allocated"]
         out["cuda_base_bytes"] = r.cuda["allocated_at_start"]

@@ -91,11 +91,12 @@ def peak_table(records: Sequence[Dict]) -> str:
     rows = [r for r in records if r.get("max_fit") is None and r.get("input") and r.get("peak_at")]
     if not rows:
         return ""
-    lines = ["| model | input | dtype | method | peak at | largest groups alive at the peak (besides the model state) |",
+    lines = ["| model | input | dtype | method | peak at | largest groups alive at the peak, by op (besides the "
+             "model state; module: the largest group's, (+n) other modules) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         groups = "; ".join(f"{_mib(g['bytes'])} MiB {g['count']}× {g['phase']}:{g['op']} in "
-                           f"{g['module'] or '-'}" for g in (r.get("at_peak") or [])[:3])
+                           f"{g['module'] or '-'}" for g in (r.get("at_peak_by_op") or r.get("at_peak") or [])[:3])
         lines.append(f"| {r['model']} | {r['input']} | {DTYPE_SHORT.get(r['dtype'], r['dtype'])} | {r['method']} "
                      f"| {r['peak_at']} in {r.get('peak_module') or '-'} | {groups or '-'} |")
     return "\n".join(lines)
@@ -144,7 +145,8 @@ def _ratio_target(name: str, g: Dict[str, Dict], key: str, limit: float, against
         return (name, "-", "pending")
     ratio = w / ref
     where = g["revwire"]["input"]
-    return (name, f"{ratio:.2f}× ({_mib(w)} vs {_mib(ref)} MiB, {where})", "met" if ratio <= limit else "NOT met")
+    figures = f"{_ms(w)} vs {_ms(ref)} ms" if key == "step_ms" else f"{_mib(w)} vs {_mib(ref)} MiB"
+    return (name, f"{ratio:.2f}× ({figures}, {where})", "met" if ratio <= limit else "NOT met")
 
 
 def _flat_target(name: str, figures: Dict[int, int], need: Sequence[int]) -> tuple:

@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ KEYS = ("model", "method", "device", "dtype", "batch", "frames", "input", "step_
 # base_mem_bytes = act_peak_bytes), base_by_kind, phase_act_peaks (forward / backward / optimizer, above
 # the model state), fwbw_act_peak_bytes (the same over forward + backward only: without the AdamW
 # step's temporaries), peak_at (phase:op), peak_module, at_peak (largest groups alive at the peak, model
-# state left out), cuda_peak_bytes / cuda_base_bytes (CUDA: the allocator's max_memory_allocated and
+# state left out; at_peak_by_op: the same summed over modules), cuda_peak_bytes / cuda_base_bytes (CUDA: the allocator's max_memory_allocated and
 # memory_allocated over the same step), step_ms_iqr, repeats, max_fit_capped, chains, checkpointed, error.
 COMMAND = {"line": None, "machine": None}  # this run's command line and --machine, for the records
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -231,7 +232,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    COMMAND["line"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    COMMAND["line"] = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     COMMAND["machine"] = args.machine
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick and args.sizes not in (None, "quick"):

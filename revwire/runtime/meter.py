@@ -100,6 +100,20 @@ class PeakReport:
         """The peak minus what was alive at the start."""
         return self.peak - self.baseline
 
+    def by_op(self) -> List[BreakdownRow]:
+        """`breakdown` summed over modules: one row per (phase, op), largest first; its
+        module is the largest group's, with '(+n)' for the n other modules."""
+        groups: Dict[tuple, List[BreakdownRow]] = {}
+        for r in self.breakdown:
+            groups.setdefault((r.phase, r.op), []).append(r)
+        rows = []
+        for (phase, op), rs in groups.items():
+            top = max(rs, key=lambda r: r.bytes)
+            module = top.module + (f" (+{len(rs) - 1})" if len(rs) > 1 else "")
+            rows.append(BreakdownRow(sum(r.bytes for r in rs), sum(r.count for r in rs), phase, op, module,
+                                     top.largest))
+        return sorted(rows, key=lambda r: (-r.bytes, r.phase, r.op))
+
     def to_dict(self, top: Optional[int] = None) -> Dict[str, Any]:
         rows = self.breakdown if top is None else self.breakdown[:top]
         return dict(peak=self.peak, baseline=self.baseline, above_baseline=self.above_baseline,

@@ -244,3 +244,13 @@ def test_cuda_meter_agrees_with_the_allocator():
     # the allocator also holds what the meter does not see (cuBLAS workspaces are
     # allocated before; kernels' own temporaries): agree to within 1 MiB here
     assert abs(allocator - r.above_baseline) <= 2**20, (allocator, r.above_baseline)
+
+
+def test_breakdown_by_op_sums_over_modules():
+    model, x, t = _mlp()
+    r = train_step_peak(model, x, t)
+    rows = r.by_op()
+    assert sum(row.bytes for row in rows) == r.peak
+    assert len({(row.phase, row.op) for row in rows}) == len(rows)
+    fw = {row.op: row for row in rows if row.phase == "forward"}
+    assert fw["relu"].module == "1" and fw["relu"].count == 1
