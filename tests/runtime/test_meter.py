@@ -1,7 +1,6 @@
 """Memory meters: the step-peak meter against hand counts, saved bytes, CUDA peak."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
