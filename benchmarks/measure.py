@@ -2,11 +2,11 @@
 
 - `step_times_ms`: CUDA events on CUDA (>= 3 warm-up steps, then the median of >= 10),
   `time.perf_counter` on CPU.
-- `peak_step_memory`: `torch.cuda.reset_peak_memory_stats` + `max_memory_allocated` over
-  steady-state steps (optimizer state already allocated), and the memory allocated at
-  the step's start (parameters + optimizer state), so peak - base is what the step adds.
-- `saved_bytes`: bytes autograd saves during one training forward + loss
-  (`revwire.saved_tensor_bytes`, parameters and buffers excluded), device independent.
+- `step_memory`: the step peak of one steady-state step, measured by `revwire.train_step_peak`
+  (live tensor storage, any device; NOTE [ The metered training step ] in
+  revwire/runtime/meter.py): the peak, the activation peak (the peak minus parameters,
+  gradients, AdamW state, buffers and batch), where the peak is and what is alive there;
+  on CUDA also the allocator's `max_memory_allocated` over the same step.
 - `max_fit`: the largest size (batch or frames) for which a step runs, found by doubling
   and then bisection, with out-of-memory caught and memory released between tries.
 """
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import revwire
-
-from . import methods as _methods
 
 
 def autocast_dtype(dtype: str) -> Optional[torch.dtype]:
@@ -90,27 +88,24 @@ def step_times_ms(step: Callable[[], object], device: torch.device, warmup: int,
     return times
 
 
-def peak_step_memory(step: Callable[[], object], device: torch.device, steps: int = 1) -> Tuple[int, int]:
-    """(peak allocated bytes during `steps` steps, bytes allocated before them). CUDA only.
-    Call after a warm-up step so that the optimizer state exists."""
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device), base
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: Optional[torch.dtype]) -> int:
-    """Bytes autograd keeps for backward in one training forward + loss (parameters and
-    buffers excluded). Checkpointed blocks' kept inputs are counted (see methods.metering)."""
-    exclude = list(model.parameters()) + list(model.buffers())
-    with _methods.metering():
-        loss, nbytes = revwire.saved_tensor_bytes(loss_of, model, x, target, amp, exclude=exclude)
-    del loss
-    return nbytes
+def step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+                amp: Optional[torch.dtype], top: int = 6) -> Dict[str, object]:
+    """The meter's record of one steady-state training step (after one warm-up step with
+    `opt`, which allocates the gradients): keys of a benchmark record."""
+    r = revwire.train_step_peak(model, x, target, loss_fn=lambda out, t: F.cross_entropy(out.float(), t),
+                                optimizer=opt, autocast_dtype=amp, warmup=1)
+    out: Dict[str, object] = {
+        "step_peak_bytes": r.peak, "act_peak_bytes": r.above_baseline, "base_mem_bytes": r.baseline,
+        "base_by_kind": {k: v for k, v in r.baseline_by_kind.items() if v},
+        "phase_act_peaks": {k: v - r.baseline for k, v in r.phase_peaks.items() if k != "run"},
+        "fwbw_act_peak_bytes": max(r.phase_peaks.get(k, r.baseline) for k in ("forward", "backward")) - r.baseline,
+        "peak_at": f"{r.peak_phase}:{r.peak_op}", "peak_module": r.peak_module,
+        "at_peak": [row.to_dict() for row in r.breakdown if row.phase != "baseline"][:top],
+        "at_peak_by_op": [row.to_dict() for row in r.by_op() if row.phase != "baseline"][:top]}
+    if r.cuda is not None:
+        out["cuda_peak_bytes"] = r.cuda["max_allocated"]
+        out["cuda_base_bytes"] = r.cuda["allocated_at_start"]
+    return out
 
 
 def is_oom(e: BaseException) -> bool:

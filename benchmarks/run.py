@@ -1,8 +1,12 @@
 """`python -m benchmarks.run`: vanilla vs torch.utils.checkpoint vs revwire, side by side.
 
     python -m benchmarks.run --quick                 # tiny sizes, CPU, a few minutes
+    python -m benchmarks.run                         # CPU: the cpu sizes; CUDA: the gpu sizes
     python -m benchmarks.run --suite image --dtype bfloat16
     python -m benchmarks.run --suite video --models swin3d_t --no-time
+
+Every size of every case records the step peak and the activation peak of each method
+(`revwire.train_step_peak`, one meter on every device) and the step time.
 
 Writes benchmarks/results/<device-slug>.json (records merged with what the file already
 holds: a record replaces an older one with the same model / method / dtype / size), and
@@ -16,6 +20,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -25,21 +30,31 @@ import torch
 
 from . import measure, plot
 from .methods import METHODS, prepare
-from .suites import SUITES, Case, cases, make_batch
+from .suites import PROFILES, SUITES, Case, cases, make_batch
 
-KEYS = ("model", "method", "device", "dtype", "batch", "frames", "input", "peak_mem_bytes",
-        "saved_bytes", "step_ms", "max_fit", "torch", "date")
-# Extra keys: suite, depth, axis, threads (CPU), base_mem_bytes (allocated at step start: parameters +
-# optimizer state), step_ms_iqr, repeats, max_fit_capped, chains, checkpointed, error.
+KEYS = ("model", "method", "device", "dtype", "batch", "frames", "input", "step_peak_bytes",
+        "act_peak_bytes", "step_ms", "max_fit", "torch", "date")
+# Extra keys: suite, depth, axis, threads (CPU), sizes (the profile), base_mem_bytes (the model state
+# alive at the step's start: parameters, gradients, AdamW state, buffers, batch; step_peak_bytes -
+# base_mem_bytes = act_peak_bytes), base_by_kind, phase_act_peaks (forward / backward / optimizer, above
+# the model state), fwbw_act_peak_bytes (the same over forward + backward only: without the AdamW
+# step's temporaries), peak_at (phase:op), peak_module, at_peak (largest groups alive at the peak, model
+# state left out; at_peak_by_op: the same summed over modules), cuda_peak_bytes / cuda_base_bytes (CUDA: the allocator's max_memory_allocated and
+# memory_allocated over the same step), step_ms_iqr, repeats, max_fit_capped, chains, checkpointed, error.
+COMMAND = {"line": None, "machine": None}  # this run's command line and --machine, for the records
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def device_slug(device: torch.device, quick: bool) -> str:
+def default_profile(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def device_slug(device: torch.device, profile: str) -> str:
+    """`cpu`, `cuda-nvidia-h100-80gb-hbm3`, ...; `-<profile>` when not the device's own sizes."""
+    slug = device.type
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        slug = "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        return slug + ("-quick" if quick else "")
-    return device.type
+        slug = "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return slug + ("" if profile == default_profile(device) else f"-{profile}")
 
 
 def device_name(device: torch.device) -> str:
@@ -51,7 +66,8 @@ def record_key(r: Dict) -> tuple:
             r["input"], r.get("max_fit") is not None)
 
 
-def new_record(case: Case, method: str, device: torch.device, dtype: str, size: Optional[int]) -> Dict:
+def new_record(case: Case, method: str, device: torch.device, dtype: str, size: Optional[int],
+               profile: Optional[str] = None) -> Dict:
     if size is None:
         batch = frames = shape = None
     else:
@@ -61,7 +77,8 @@ def new_record(case: Case, method: str, device: torch.device, dtype: str, size: 
     r.update(model=case.name, method=method, device=device_name(device), dtype=dtype, batch=batch,
              frames=frames, input=shape, torch=torch.__version__,
              date=datetime.datetime.now().isoformat(timespec="seconds"),
-             suite=case.suite, depth=case.depth, axis=case.axis,
+             suite=case.suite, depth=case.depth, axis=case.axis, sizes=profile,
+             command=COMMAND["line"], machine=COMMAND["machine"],
              threads=torch.get_num_threads() if device.type == "cpu" else None)
     return r
 
@@ -83,7 +100,7 @@ def _mib(n: Optional[int]) -> str:
 
 
 def measure_one(module, x, target, amp, device, args) -> Dict:
-    """Step time, peak memory (CUDA) and saved bytes of one method at one size."""
+    """Step time, then the step peak and activation peak of one method at one size."""
     out: Dict = {}
     opt = measure.make_optimizer(module)
     step = lambda: measure.train_step(module, opt, x, target, amp)  # noqa: E731
@@ -94,11 +111,7 @@ def measure_one(module, x, target, amp, device, args) -> Dict:
             q = sorted(times)
             out["step_ms_iqr"] = q[(3 * len(q)) // 4] - q[len(q) // 4]
             out["repeats"] = len(times)
-        else:
-            step()  # one warm-up step: the optimizer state exists before peak memory
-        if device.type == "cuda":
-            out["peak_mem_bytes"], out["base_mem_bytes"] = measure.peak_step_memory(step, device)
-        out["saved_bytes"] = measure.saved_bytes(module, x, target, amp)
+        out.update(measure.step_memory(module, opt, x, target, amp))
     except Exception as e:  # noqa: BLE001
         if not measure.is_oom(e):
             raise
@@ -122,20 +135,22 @@ def run_case(case: Case, device: torch.device, args, progress: Progress) -> List
     del example
     progress.say(f"{case.name}: rewired in {time.time() - t0:.1f}s, chains {info['chains']}, "
                  f"{info.get('checkpointed', '-')} checkpointed blocks")
-    for size in (case.sizes if args.repeats >= 0 else []):
+    sizes = [n for n in case.sizes if not args.size or n in args.size]
+    for size in (sizes if args.repeats >= 0 else []):
         x, target = make_batch(case, size, device, seed=args.seed)
         for dtype in args.dtype:
             amp = measure.autocast_dtype(dtype)
             for method in args.methods:
                 model.load_state_dict(snapshot)
-                r = new_record(case, method, device, dtype, size)
+                r = new_record(case, method, device, dtype, size, args.sizes)
                 r["chains"], r["checkpointed"] = info["chains"], info.get("checkpointed")
                 r.update(measure_one(modules[method], x, target, amp, device, args))
                 records.append(r)
                 progress.tick(f"{case.name} {r['input']} {dtype:8s} {method:10s} "
                               + (r.get("error") or
                                  f"step {r['step_ms'] or float('nan'):8.1f} ms  "
-                                 f"peak {_mib(r['peak_mem_bytes'])}  saved {_mib(r['saved_bytes'])}"))
+                                 f"step peak {_mib(r['step_peak_bytes'])}  "
+                                 f"activations {_mib(r['act_peak_bytes'])} ({r['peak_at']})"))
         del x, target
         measure.release(device)
     if args.max_fit and case.max_fit:
@@ -152,7 +167,7 @@ def run_case(case: Case, device: torch.device, args, progress: Progress) -> List
                     fits, cfg["start"], cfg["limit"], cfg["granularity"],
                     progress=lambda n, ok, m=method: progress.say(
                         f"  max-fit {case.name} {dtype} {m}: {case.axis} {n} {'fits' if ok else 'OOM'}"))
-                r = new_record(case, method, device, dtype, None)
+                r = new_record(case, method, device, dtype, None, args.sizes)
                 r.update(max_fit=n, max_fit_capped=capped, chains=info["chains"],
                          checkpointed=info.get("checkpointed"))
                 records.append(r)
@@ -186,15 +201,19 @@ def write_results(records: List[Dict], slug: str, out_dir: str, do_plot: bool = 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU (a few minutes)")
-    p.add_argument("--suite", action="append", choices=SUITES, help=f"suites to run (default: all of {SUITES})")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU (a few minutes): --sizes quick")
+    p.add_argument("--sizes", choices=PROFILES, default=None,
+                   help="size profile (default: gpu on CUDA, cpu on a CPU; see benchmarks/suites.py)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="keep only these sizes (batch or frame counts) of each case")
+    p.add_argument("--suite", action="extend", nargs="+", choices=SUITES, help=f"suites to run (default: all of {SUITES})")
     p.add_argument("--models", nargs="+", help="only cases whose name contains one of these")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"),
                    help="autocast off (float32) / bf16 autocast (default: both on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick CPU 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; quick CPU 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; CPU 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; CPU 3)")
     p.add_argument("--no-time", action="store_true", help="skip the per-size measurements (max-fit only)")
     p.add_argument("--max-fit", dest="max_fit", action=argparse.BooleanOptionalAction, default=None,
                    help="search the largest batch / frame count that fits (default: on for CUDA)")
@@ -206,17 +225,25 @@ def parse_args(argv=None):
     p.add_argument("--slug", default=None, help="results file name (default: from the device)")
     p.add_argument("--fresh", action="store_true", help="overwrite the results file instead of merging")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--machine", default=None,
+                   help="a description of the machine, kept in the records (e.g. '2 shared CPU cores, no GPU')")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    COMMAND["line"] = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    COMMAND["machine"] = args.machine
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cpu_quick = args.quick and device.type == "cpu"
+    if args.quick and args.sizes not in (None, "quick"):
+        print("--quick means --sizes quick", file=sys.stderr)
+        return 2
+    args.sizes = "quick" if args.quick else (args.sizes or default_profile(device))
+    on_cpu = device.type == "cpu"
     args.suite = args.suite or list(SUITES)
     args.dtype = args.dtype or (["float32"] if device.type == "cpu" else ["float32", "bfloat16"])
-    args.warmup = args.warmup if args.warmup is not None else (1 if cpu_quick else 3)
-    args.repeats = args.repeats if args.repeats is not None else (3 if cpu_quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 3)
+    args.repeats = args.repeats if args.repeats is not None else (3 if on_cpu else 10)
     if args.no_time:
         args.repeats = -1
     if args.max_fit is None:
@@ -224,22 +251,23 @@ def main(argv=None) -> int:
     if args.max_fit and device.type != "cuda":
         print("note: the max-fit search on CPU is bounded by host RAM, not a GPU; it is off by default",
               file=sys.stderr)
-    if device.type == "cuda" and (args.warmup < 3 or args.repeats < 10) and not args.quick:
+    if device.type == "cuda" and (args.warmup < 3 or args.repeats < 10) and args.sizes != "quick":
         print("note: issue 5 asks for >= 3 warm-up steps and the median of >= 10", file=sys.stderr)
     if device.type == "cpu":
         # One thread by default: on a shared CPU, OpenMP threads spinning against other jobs
         # made steps up to 50x slower (resnet50 at 64² batch 2: 23 s a step with 2 threads).
         torch.set_num_threads(max(1, args.threads))
 
-    todo = cases(args.quick, args.suite, args.models)
+    todo = cases(args.sizes, args.suite, args.models)
     if not todo:
         print("no case selected", file=sys.stderr)
         return 2
-    per_size = 0 if args.repeats < 0 else sum(len(c.sizes) for c in todo) * len(args.dtype) * len(args.methods)
+    n_sizes = sum(len([n for n in c.sizes if not args.size or n in args.size]) for c in todo)
+    per_size = 0 if args.repeats < 0 else n_sizes * len(args.dtype) * len(args.methods)
     fit = sum(1 for c in todo if c.max_fit) * len(args.max_fit_dtype) * len(args.methods) if args.max_fit else 0
     progress = Progress(per_size + fit)
-    slug = args.slug or device_slug(device, args.quick)
-    progress.say(f"device {device_name(device)} ({slug}), torch {torch.__version__}, "
+    slug = args.slug or device_slug(device, args.sizes)
+    progress.say(f"device {device_name(device)} ({slug}), sizes {args.sizes}, torch {torch.__version__}, "
                  f"{len(todo)} case(s), methods {args.methods}, dtypes {args.dtype}, "
                  f"warm-up {args.warmup}, repeats {max(args.repeats, 0)}, max-fit {args.max_fit}")
     records: List[Dict] = []

@@ -22,7 +22,8 @@ from .errors import (
 )
 from .options import RewireOptions
 from .runtime.stage import ReversibleStage, set_engine, stages
-from .runtime.meter import cuda_peak_bytes, model_saved_bytes, saved_tensor_bytes
+from .runtime.meter import (BreakdownRow, PeakReport, StepMeter, cuda_peak_bytes, model_saved_bytes,
+                            saved_tensor_bytes, step_peak, train_step_peak)
 from .runtime.verify import verify
 from .compiler.report import Report
 from .api import report, rewire
@@ -35,5 +36,6 @@ __all__ = [
     "RewireError", "TraceError", "NoChainError", "InputError", "OptionError", "BlockShapeError",
     "ReconstructionError", "StageFreedError", "CheckpointError", "SpecError", "OutputError",
     "saved_tensor_bytes", "model_saved_bytes", "cuda_peak_bytes",
+    "step_peak", "train_step_peak", "StepMeter", "PeakReport", "BreakdownRow",
     "build_model", "default_input", "save", "load", "load_weights", "export_state_dict",
 ]

@@ -47,7 +47,8 @@ class RewireOptions:
     strict: bool = _option(True, "raise NoChainError when nothing can be rewired (else warn, "
                                  "return the model)", "bool")
     stream_dtype: Optional[torch.dtype] = _option(
-        None, "keep the reversible streams in this dtype (None: the input's)", "dtype",
+        None, "keep the reversible streams in this dtype (None: float64 under autocast or for a "
+              "half-precision input, where it makes the inversion exact; else the input's)", "dtype",
         flag="--stream-dtype", choices=STREAM_DTYPES)
     engine: str = _option("reversible", "the stages' engine: 'reversible' recomputes, 'autograd' "
                                         "stores (the ground truth)", "choice", choices=ENGINES)

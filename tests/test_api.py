@@ -480,3 +480,50 @@ def test_blocks_see_buffers_and_modes_as_they_are_now():
     # every branch is now zero: each stream is the input, and so is the stage's output
     expected = model.bn(xd) + model.offset.double()
     torch.testing.assert_close(rev(xd), expected)
+
+
+# -- parameters stay the original's (issue: reliability at scale) ------------------------------
+
+
+def _vit_tiny():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=2).eval()
+
+
+def _same_parameters(a, b):
+    return [n for n, p in a.named_parameters() if p is not dict(b.named_parameters())[n]]
+
+
+def test_root_parameters_stay_shared_through_assign_and_conversions():
+    m = _vit_tiny()
+    rev = revwire.rewire(m, torch.randn(1, 3, 32, 32))
+    rev.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    assert _same_parameters(rev, m) == [] and rev.cls_token is m.cls_token
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # .to() makes new Parameters
+    try:
+        rev.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert _same_parameters(rev, m) == [] and m.pos_embed.dtype == torch.float64
+    rev.to("meta")  # always new Parameters
+    assert _same_parameters(rev, m) == [] and m.cls_token.is_meta
+
+
+def test_a_deepcopy_shares_with_itself_not_with_the_original():
+    m = _vit_tiny()
+    rev = revwire.rewire(m, torch.randn(1, 3, 32, 32))
+    c = copy.deepcopy(rev).train()
+    assert {id(p) for p in c.parameters()}.isdisjoint(id(p) for p in m.parameters())
+    c(torch.randn(2, 3, 32, 32)).sum().backward()
+    missing = [n for n, p in c.named_parameters() if p.grad is None]
+    assert missing == [] and all(p.grad is None for p in m.parameters())
+
+
+def test_meta_device_training_forward_and_backward():
+    m = _vit_tiny()
+    rev = revwire.rewire(m, torch.randn(1, 3, 32, 32)).to("meta").train()
+    out = rev(torch.randn(2, 3, 32, 32, device="meta"))
+    assert out.is_meta and out.shape == (2, 1000)
+    assert "_StageOutputBackward" in _backward_node_names(out)  # the reversible engine ran
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in rev.parameters())

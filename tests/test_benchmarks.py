@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import revwire  # noqa: E402
 from benchmarks import measure, methods, plot, run, suites  # noqa: E402
-from benchmarks.methods import Checkpointed  # noqa: E402
+from revwire.tools.twins import Checkpointed  # noqa: E402
 
 
 # ---------------------------------------------------------------- tiny models
@@ -61,7 +61,8 @@ def tiny_case(name="tiny_vit", build=tiny_vit, sizes=(2, 3), suite="image", dept
 
 def tiny_args(**kw):
     a = argparse.Namespace(methods=list(methods.METHODS), dtype=["float32"], warmup=1, repeats=2,
-                           max_fit=False, max_fit_dtype=["float32"], max_fit_limit=None, seed=0)
+                           max_fit=False, max_fit_dtype=["float32"], max_fit_limit=None, seed=0, size=None,
+                           sizes="quick")
     vars(a).update(kw)
     return a
 
@@ -184,19 +185,30 @@ def test_methods_give_same_loss(build):
     assert not torch.allclose(results["revwire"][0], results["vanilla"][0]), "revwire did not rewire"
 
 
-def test_saved_bytes_counts_checkpoint_inputs():
+def test_step_memory_record():
+    """The meter's record of one step: the model state by hand, activations below vanilla's
+    for checkpoint, and nothing the step leaves behind."""
     torch.manual_seed(0)
     model = tiny_vit().train()
-    x, t = suites.make_batch(tiny_case(), 4, "cpu")
+    x, t = suites.make_batch(tiny_case(), 8, "cpu")
     mods, _ = methods.prepare(model, x[:1])
-    saved = {m: measure.saved_bytes(mod, x, t, None) for m, mod in mods.items()}
-    block_input = x.shape[0] * 17 * 32 * 4  # (B, 1 + 16 patches, 32) float32
-    assert saved["checkpoint"] >= 3 * block_input  # each block keeps its input
-    # revwire keeps two streams and the graph of its last residual (not recomputed): at
-    # this depth (6 residuals) that is about what checkpoint keeps, and far below vanilla
-    assert saved["checkpoint"] < saved["vanilla"] and saved["revwire"] < saved["vanilla"] / 2
-    # Outside metering, the checkpoint wrapper adds no node of its own.
-    assert not methods._METER["on"]
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    recs = {}
+    for m, mod in mods.items():
+        opt = measure.make_optimizer(mod)
+        recs[m] = measure.step_memory(mod, opt, x, t, None)
+        model.zero_grad(set_to_none=True)
+    for m, r in recs.items():
+        # parameters, gradients, AdamW's moments and 0-dim steps, the batch (x and int64 targets)
+        assert r["base_mem_bytes"] == 4 * P + 4 * len(params) + x.numel() * 4 + t.numel() * 8, m
+        assert r["step_peak_bytes"] == r["base_mem_bytes"] + r["act_peak_bytes"]
+        assert 0 < r["fwbw_act_peak_bytes"] <= r["act_peak_bytes"]
+        assert r["act_peak_bytes"] == max(r["phase_act_peaks"].values())
+        assert r["peak_at"].split(":")[0] in ("forward", "backward", "optimizer")
+        assert r["at_peak"] and all(row["phase"] != "baseline" for row in r["at_peak"])
+        assert "cuda_peak_bytes" not in r
+    assert recs["checkpoint"]["fwbw_act_peak_bytes"] < recs["vanilla"]["fwbw_act_peak_bytes"]
 
 
 # ---------------------------------------------------------------- records and outputs
@@ -208,81 +220,141 @@ def _check_record(r):
     assert isinstance(r["model"], str) and r["method"] in methods.METHODS
     assert r["dtype"] in ("float32", "bfloat16") and isinstance(r["device"], str)
     assert isinstance(r["torch"], str) and isinstance(r["date"], str)
-    for k in ("batch", "frames", "peak_mem_bytes", "saved_bytes", "max_fit"):
+    for k in ("batch", "frames", "step_peak_bytes", "act_peak_bytes", "max_fit"):
         assert r[k] is None or (isinstance(r[k], int) and not isinstance(r[k], bool)), k
     assert r["step_ms"] is None or isinstance(r["step_ms"], float)
     assert r["input"] is None or isinstance(r["input"], str)
 
 
 def test_run_case_records():
-    case = tiny_case(sizes=(3,))
+    case = tiny_case(sizes=(3, 8))
     progress = run.Progress(3, stream=open(os.devnull, "w"))
-    records = run.run_case(case, torch.device("cpu"), tiny_args(), progress)
-    assert len(records) == 3 and progress.done == 3
+    records = run.run_case(case, torch.device("cpu"), tiny_args(size=[8]), progress)
+    assert len(records) == 3 and progress.done == 3  # --size 8: only that size
     for r in records:
         _check_record(r)
-        assert r["step_ms"] > 0 and r["saved_bytes"] > 0 and r["peak_mem_bytes"] is None
-        assert r["input"] == f"{r['batch']}x3x32x32" and r["frames"] is None and r["max_fit"] is None
-    by = {(r["batch"], r["method"]): r["saved_bytes"] for r in records}
-    for b in (3,):
-        assert by[b, "checkpoint"] < by[b, "vanilla"] and by[b, "revwire"] < by[b, "vanilla"] / 2
+        assert r["step_ms"] > 0 and r["act_peak_bytes"] > 0
+        assert r["step_peak_bytes"] == r["base_mem_bytes"] + r["act_peak_bytes"]
+        assert r["input"] == "8x3x32x32" and r["frames"] is None and r["max_fit"] is None
+    base = {r["base_mem_bytes"] for r in records}
+    assert len(base) == 1, "the three methods share one model state"
+    by = {r["method"]: r["fwbw_act_peak_bytes"] for r in records}
+    assert by["checkpoint"] < by["vanilla"]
 
 
 def test_main_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     picked = [tiny_case(), tiny_case("tiny_deep", sizes=(2,), suite="depth")]
-    monkeypatch.setattr(run, "cases", lambda quick, s, m: [c for c in picked if c.suite in s])
-    argv = ["--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--warmup", "0", "--repeats", "1"]
+    monkeypatch.setattr(run, "cases", lambda profile, s, m: [c for c in picked if c.suite in s])
+    argv = ["--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--warmup", "0", "--repeats", "1",
+            "--machine", "a test"]
     assert run.main(argv) == 0
-    data = json.loads((tmp_path / "cpu.json").read_text())
+    data = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert isinstance(data, list) and len(data) == 9
     for r in data:
         _check_record(r)
-    md = (tmp_path / "cpu.md").read_text()
+        assert r["machine"] == "a test" and r["sizes"] == "quick" and "--quick" in r["command"]
+    md = (tmp_path / "cpu-quick.md").read_text()
     assert "## image" in md and "## depth" in md and "| tiny_vit | 2x3x32x32 | fp32 |" in md
-    assert "pending" in md
+    assert "pending" in md and "a test" in md and "--quick" in md
     try:
         import matplotlib  # noqa: F401
-        assert (tmp_path / "cpu.png").exists()
+        assert (tmp_path / "cpu-quick.png").exists()
     except ImportError:
         assert "matplotlib is not installed" in capsys.readouterr().err
     # A second run of one suite merges: its records replace the old ones, the rest stay.
     assert run.main(argv + ["--suite", "depth", "--no-plot"]) == 0
-    again = json.loads((tmp_path / "cpu.json").read_text())
+    again = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert len(again) == 9
     assert sum(r["model"] == "tiny_deep" for r in again) == 3
 
 
-def test_markdown_targets_from_cuda_records():
-    def rec(method, **kw):
-        r = {k: None for k in run.KEYS}
-        r.update(model="vit_base_patch16_224", method=method, device="NVIDIA H100", dtype="bfloat16",
-                 suite="image", torch="2.14.1", date="2026-01-01T00:00:00")
-        r.update(kw)
-        return r
+def _rec(method, **kw):
+    r = {k: None for k in run.KEYS}
+    r.update(method=method, dtype="float32", torch="2.14.1", date="2026-01-01T00:00:00", device="cpu")
+    r.update(kw)
+    return r
 
-    gib = 2**30
-    records = [
-        rec("vanilla", batch=128, input="128x3x224x224", peak_mem_bytes=40 * gib, step_ms=300.0, saved_bytes=30 * gib),
-        rec("checkpoint", batch=128, input="128x3x224x224", peak_mem_bytes=12 * gib, step_ms=390.0, saved_bytes=2 * gib),
-        rec("revwire", batch=128, input="128x3x224x224", peak_mem_bytes=8 * gib, step_ms=420.0, saved_bytes=gib),
-    ]
+
+def test_markdown_targets():
+    mib, gib = 2**20, 2**30
+    records = []
+    # transformer: revwire at 0.5x checkpoint at 12 layers (met), 0.5x at 24 (NOT met: <= 0.4x),
+    # flat from 6 to 24 layers (+5%: met), step time 1.2x checkpoint (NOT met)
+    for n, (ck, rv, fb) in {6: (30, 19, 20), 12: (40, 20, 20), 24: (60, 30, 21)}.items():
+        for m, act in (("vanilla", 100), ("checkpoint", ck), ("revwire", rv)):
+            records.append(_rec(m, model=f"prenorm_l{n}", suite="transformer", depth=n, batch=8, input="8x128x256",
+                                act_peak_bytes=act * mib, fwbw_act_peak_bytes=(fb if m == "revwire" else act) * mib,
+                                step_peak_bytes=(act + 50) * mib, step_ms={"checkpoint": 10.0}.get(m, 12.0)))
+    # GPU ViT-B b128: revwire 0.20x vanilla and below checkpoint; 1.4x vanilla's time
+    for m, peak, ms in (("vanilla", 40, 300.0), ("checkpoint", 12, 390.0), ("revwire", 8, 420.0)):
+        records.append(_rec(m, model="vit_base_patch16_224", suite="image", device="NVIDIA H100", dtype="bfloat16",
+                            batch=128, input="128x3x224x224", step_peak_bytes=peak * gib, step_ms=ms))
     for m, fit in (("vanilla", 64), ("checkpoint", 256), ("revwire", 512)):
-        records.append(rec(m, model="swin3d_t", suite="video", axis="frames", max_fit=fit))
-    for d, b in ((12, 100), (24, 101), (48, 130)):
-        records.append(rec("revwire", model=f"vit_b_depth{d}", suite="depth", depth=d, batch=32,
-                           input="32x3x224x224", saved_bytes=b * 2**20))
+        records.append(_rec(m, model="swin3d_t", suite="video", axis="frames", device="NVIDIA H100",
+                            dtype="bfloat16", max_fit=fit))
     rows = {a: (b, c) for a, b, c in plot.targets(records)}
-    status = [c for _, c in rows.values()]
-    assert status == ["met", "NOT met", "met", "NOT met"]
+    status = {a.split(":")[0] + a[a.index(":"):][:30]: c for a, (b, c) in rows.items()}
+    got = [c for _, c in rows.values()]
+    assert got == ["met", "NOT met", "met", "NOT met", "pending", "pending", "pending", "pending", "pending",
+                   "met", "NOT met", "met", "pending"], status
     md = plot.markdown(records)
-    assert "0.20×" in md and "512 (8.00×)" in md and "GPU figures are pending" not in md
+    assert "0.50× (20.0 vs 40.0 MiB, 8x128x256)" in md and "512 (8.00×)" in md
+    assert "+5.0%" in md and "GPU figures are pending" not in md
+    # a step peak in the optimizer is marked
+    records.append(_rec("vanilla", model="m", suite="image", batch=2, input="2x3x8x8", act_peak_bytes=mib,
+                        step_peak_bytes=2 * mib, peak_at="optimizer:div"))
+    assert "1.0†" in plot.markdown(records)
 
 
-def test_quick_cases_are_small():
-    for case in suites.cases(True):
+def test_profiles():
+    for case in suites.cases("quick"):
         for s in case.sizes:
             assert torch.Size(case.input_shape(s)).numel() <= 3 * 8 * 64 * 64
-    names = {c.name for c in suites.cases(False)}
-    assert {"vit_base_patch16_224", "resnet50", "swin_tiny_patch4_window7_224", "swin3d_t"} <= names
-    assert [c.sizes for c in suites.cases(False, ["video"])] == [[16, 32, 64, 128, 256, 512, 1024]]
-    assert [c.depth for c in suites.cases(False, ["depth"])] == [6, 12, 24, 48]
+    names = {c.name for c in suites.cases("gpu")}
+    assert {"vit_base_patch16_224", "resnet50", "swin_tiny_patch4_window7_224", "swin3d_t", "resnet18",
+            "r3d_18", "prenorm_l12"} <= names
+    assert [c.sizes for c in suites.cases("gpu", ["video"], ["swin3d"])] == [[16, 32, 64, 128, 256, 512, 1024]]
+    assert [c.depth for c in suites.cases("gpu", ["depth"])] == [6, 12, 24, 48]
+    # CPU sizes keep the GPU cases' proportions (issue 10): 224², a few frames or samples
+    cpu = {c.name: c for c in suites.cases("cpu")}
+    assert cpu["swin3d_t"].sizes == [8, 16] and cpu["swin3d_t"].input_shape(8) == (1, 3, 8, 224, 224)
+    assert cpu["vit_base_patch16_224"].input_shape(4) == (4, 3, 224, 224)
+    assert [c.depth for c in suites.cases("cpu", ["depth"])] == [12, 24]
+    assert [c.depth for c in suites.cases("cpu", ["transformer"])] == [1, 2, 6, 12, 24]
+    assert cpu["prenorm_l12"].input_shape(8) == (8, 128, 256)
+    with pytest.raises(ValueError, match="profile"):
+        suites.cases("huge")
+
+
+def test_prenorm_transformer_blocks_are_checkpointed_one_by_one():
+    model = suites.PreNormTransformer(3, dim=16, heads=2).train()
+    x = torch.randn(2, 5, 16)
+    mods, info = methods.prepare(model, x[:1])
+    assert info["chains"] == [6] and info["checkpointed"] == 6
+    assert mods["checkpoint"](x).shape == (2, 10)
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """`benchmarks/gpu.sh --dry-run`: the GPU run's three commands at tiny sizes on the CPU."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu.sh"), "--dry-run", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu-dry-run.json").read_text())
+    for r in data:
+        _check_record(r)
+    got = {(r["model"], r["method"], "fit" if r["max_fit"] is not None else "step") for r in data}
+    want = {(m, meth, kind) for m, kind in (("vit_base_patch16_224", "step"), ("swin3d_t", "fit"),
+                                            ("vit_b_depth2", "step"), ("vit_b_depth4", "step"))
+            for meth in methods.METHODS}
+    assert got == want
+    assert all(r["dtype"] == "bfloat16" for r in data)
+    md = (tmp_path / "gpu-dry-run.md").read_text()
+    assert "## Largest batch / frame count that fits" in md and "## depth" in md
+    bad = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu.sh"), "--bogus"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr

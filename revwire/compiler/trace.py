@@ -151,8 +151,9 @@ def _adopt_hierarchy(gm: fx.GraphModule, model: nn.Module) -> None:
     gm._modules.clear()
     gm._modules.update(model._modules)
     gm._modules.update(extra)
-    for name, p in model.named_parameters(recurse=False):
-        gm._parameters[name] = p
+    # One dict for both: a root parameter replaced on either (`load_state_dict(assign=True)`,
+    # `.to("meta")`) is replaced on both, so every parameter stays the original's.
+    gm._parameters = model._parameters
     for name, b in model.named_buffers(recurse=False):
         gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
 

@@ -11,12 +11,12 @@ its inputs and of *its own* parameters, and leaves the reconstructed older pair 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..errors import ReconstructionError, RewireError, StageFreedError
 from .replay import AutocastState, RngState, frozen_running_stats
@@ -30,12 +30,44 @@ from .replay import AutocastState, RngState, frozen_running_stats
 # gradients, one block's recompute, the pair of streams and their gradients are alive.
 # The nodes share the reconstructed streams through the `_Pass` object of their forward.
 
+# NOTE [ Streams and what autograd sees ]
+# The pair of streams can be kept in another dtype than the stage's input (`stream_dtype`;
+# by default float64 under autocast or for half-precision inputs, where reconstruction by
+# subtraction is otherwise not exact: a rounding error of 1e-7 in a block's input can
+# flip bf16 roundings inside the block and come back as 1e-3). Autograd sees the streams
+# in the input's dtype, so the gradients flowing between blocks keep that dtype: the
+# streams' own dtype costs memory only for the pair that is kept, not for its gradients.
+
 # NOTE [ In-place reconstruction ]
 # x_{i-2} = x_i - F_i(x_{i-1}) overwrites x_i: after it, only (x_{i-2}, x_{i-1}) is needed.
 # Only tensors this backward allocated are overwritten: the final pair is saved by
 # `_StageOutput` (a second backward with retain_graph=True must find it intact), and
 # gradients handed in by autograd may be referenced elsewhere. `_Pass.owned` holds the
 # ids of the tensors this backward made.
+
+
+def _stand_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `t`'s shape in `dtype` without storage of its own: what autograd sees of a
+    stream kept in another dtype (its value is never read; its gradient is)."""
+    return torch.zeros((), dtype=dtype, device=t.device).expand(t.shape)
+
+
+def _first_order(backward):
+    """A backward that computes first-order gradients only (what `once_differentiable`
+    does), refusing `create_graph=True` with an error that says what to use instead."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RewireError(
+                f"stage '{ctx.run.name}': the reversible engine computes first-order gradients "
+                f"only, and backward was asked for a graph of them (create_graph=True: a double "
+                f"backward, a gradient penalty, a Hessian). Use revwire.set_engine(model, "
+                f"'autograd') for higher-order gradients."
+            )
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 class _Pass:
@@ -49,6 +81,8 @@ class _Pass:
         self.device = x.device
         self.aux = aux  # every aux value; tensors reach the nodes as inputs too
         self.metas: list = []  # shape stand-ins, one per segment (see ReversibleStage)
+        self.cur: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # forward's pair of streams
+        self.seen_dtype = x.dtype  # of the streams as autograd sees them
         self.rng: List[RngState] = []
         self.streams: Optional[list] = [] if stage.debug else None
         self.pair: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -69,26 +103,35 @@ def reversible_forward(stage, x: torch.Tensor, aux: tuple) -> torch.Tensor:
     run = _Pass(stage, x, aux)
     aux_tensors = tuple(t for t in aux if isinstance(t, torch.Tensor))
     n = len(stage.blocks)
-    a = b = stage._stream(x)
-    run.metas.append(meta_like(b))
+    stream = stage._stream(x)
+    run.cur = (stream, stream)
+    run.metas.append(meta_like(stream))
+    # what autograd sees (NOTE [ Streams and what autograd sees ])
+    a = b = x.float() if x.dtype in (torch.float16, torch.bfloat16) and stream.dtype != x.dtype else x
+    run.seen_dtype = a.dtype
     for i in range(n):
         params = stage.block_params(i)
         keep = stage.keep_last and i == n - 1
         a, b = _Block.apply(run, i, keep, a, b, *aux_tensors, *params)
-    return _StageOutput.apply(run, a, b)
+    return _StageOutput.apply(run, a, b, *(t.detach() for t in run.cur))
 
 
 class _StageOutput(torch.autograd.Function):
-    """`(x_{N-1} + x_N) / 2` in the input's dtype; keeps the pair for the block nodes."""
+    """`(x_{N-1} + x_N) / 2` in the input's dtype; keeps the pair for the block nodes.
+
+    Inputs: the pass, the last block's outputs (as autograd sees them), then the pair of
+    streams itself (what is kept)."""
 
     @staticmethod
-    def forward(ctx, run: _Pass, a, b):
+    def forward(ctx, run: _Pass, a, b, stream_a, stream_b):
         ctx.run = run
-        ctx.save_for_backward(a, b)
-        return torch.add(a, b).div_(2).to(run.in_dtype)
+        ctx.save_for_backward(stream_a, stream_b)
+        run.cur = None  # kept by autograd now, and released by it after this node's backward
+        out = torch.empty(stream_a.shape, dtype=run.in_dtype, device=stream_a.device)
+        return torch.add(stream_a, stream_b, out=out).div_(2)  # halving is exact: no temporary
 
     @staticmethod
-    @once_differentiable  # a second-order backward raises instead of silently dropping terms
+    @_first_order  # a second-order backward raises instead of silently dropping terms
     def backward(ctx, grad_out):
         run = ctx.run
         try:
@@ -104,22 +147,24 @@ class _StageOutput(torch.autograd.Function):
         run.finite.clear()
         if run.stage.debug:
             run.stage.last_reconstruction_error = [float("nan")] * len(run.stage.blocks)
-        g = grad_out.to(run.pair[0].dtype) / 2
-        return None, g, g
+        g = grad_out.to(run.seen_dtype) / 2
+        return None, g, g, None, None
 
 
 class _Block(torch.autograd.Function):
     """Block i of a stage: (x_{i-2}, x_{i-1}) -> (x_{i-1}, x_i), x_i = x_{i-2} + F_i(x_{i-1}).
 
-    Inputs: the pass, i, whether to keep the block's graph (`keep_last`), the two streams,
-    then the stage's aux tensors and block i's parameters (so their gradients are returned).
-    Nothing is saved: backward finds its outputs' values in `run.pair`.
+    Inputs: the pass, i, whether to keep the block's graph (`keep_last`), the two streams
+    as autograd sees them, then the stage's aux tensors and block i's parameters (so their
+    gradients are returned). The values come from `run.cur`; nothing is saved: backward
+    finds its outputs' values in `run.pair`.
     """
 
     @staticmethod
-    def forward(ctx, run: _Pass, i: int, keep: bool, a, b, *tensors):
+    def forward(ctx, run: _Pass, i: int, keep: bool, seen_a, seen_b, *tensors):
         stage = run.stage
         ctx.run, ctx.i = run, i
+        a, b = run.cur
         run.rng.append(RngState.capture(run.device))
         if run.streams is not None:
             run.streams.append(a.clone())  # x_{i-2}, as backward will reconstruct it
@@ -137,10 +182,13 @@ class _Block(torch.autograd.Function):
             ctx.shape = b.shape
             a, b = transition(a, *context), transition(b, *context)
             run.metas.append(meta_like(b))
-        return a, b
+        run.cur = (a, b)
+        if a.dtype != seen_b.dtype:  # NOTE [ Streams and what autograd sees ]
+            return _stand_in(a, seen_b.dtype), _stand_in(b, seen_b.dtype)
+        return (seen_b if transition is None else a), b
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, g_a, g_b):
         grads = _invert(ctx, g_a, g_b)
         ctx.kept = None  # its graph was used; a retained second backward recomputes
@@ -181,8 +229,8 @@ def _invert(ctx, g_a, g_b) -> tuple:
     else:  # F_i depends on neither its input nor a trainable tensor
         grads = (None,) * len(leaves)
     with torch.no_grad():
-        y = y.detach().to(b.dtype)
-        older = b.sub_(y) if run.owns(b) else run.own(b - y)  # x_{i-2}
+        y = y.detach()  # subtracted in b's dtype, without a copy of y in it
+        older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
         del y
         if stage.check_finite:
             _note_finite(run, older)
@@ -201,7 +249,7 @@ def _invert(ctx, g_a, g_b) -> tuple:
     # stage's first block lets go of the reconstructed input so the earlier stages'
     # backward does not run beside it.
     run.pair = (older, a) if i > 0 else None
-    if i == 0 and run.finite:
+    if i == 0 and run.finite and run.device.type != "meta":  # meta tensors hold no values
         _raise_if_not_finite(run)
     n_params = len(aliases)
     param_grads = list(grads[1:1 + n_params])

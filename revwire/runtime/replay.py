@@ -50,7 +50,8 @@ class AutocastState:
 
     @classmethod
     def capture(cls, device: torch.device) -> "AutocastState":
-        types = ["cpu"] if device.type == "cpu" else [device.type, "cpu"]
+        # meta tensors (models planned or initialised without memory) have no autocast
+        types = ["cpu"] if device.type in ("cpu", "meta") else [device.type, "cpu"]
         settings = tuple(
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
         )

@@ -156,8 +156,17 @@ class ReversibleStage(nn.Module):
 
     # -- pieces shared by both engines --------------------------------------------
 
+    def stream_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """`stream_dtype`, or by default float64 where a stream in the input's dtype would
+        not invert exactly: under autocast, or for a half-precision input."""
+        if self.stream_dtype is not None:
+            return self.stream_dtype
+        if x.dtype in (torch.float16, torch.bfloat16) or _autocast_on(x.device):
+            return torch.float32 if x.device.type == "mps" else torch.float64  # mps has no float64
+        return x.dtype
+
     def _stream(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.stream_dtype is None else x.to(self.stream_dtype)
+        return x.to(self.stream_dtype_for(x))
 
     def _context(self, metas: list, i: int, aux: tuple) -> tuple:
         """Extra arguments of block i and of the transition after it."""
@@ -185,6 +194,13 @@ class ReversibleStage(nn.Module):
                 a, b = self.transitions[i](a, *context), self.transitions[i](b, *context)
                 metas.append(meta_like(b))
         return ((a + b) / 2).to(x.dtype)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 class _Callable(nn.Module):

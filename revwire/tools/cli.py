@@ -25,9 +25,10 @@ from .. import __version__
 from ..api import report, rewire
 from ..errors import CheckpointError, InputError, RewireError, SpecError
 from ..options import RewireOptions
-from ..runtime.meter import cuda_step_peak, model_saved_bytes
+from ..runtime.meter import train_step_peak
 from ..runtime.verify import restore_buffers, snapshot_buffers, verify
 from .checkpoint import check_input_file, check_output_path, export_state_dict, load_weights, save
+from .twins import checkpoint_twin
 from .specs import (build_model, default_input, fit_input_size, parse_input_size, parse_model_kwargs,
                     parse_spec)
 
@@ -165,33 +166,47 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rev = rewire(model, x, opts)
     rep = report(rev)
     rep_dict = rep.to_dict()
-    memory: Dict[str, Any] = {"device": args.device}
-    if args.device == "cpu":
-        memory["metric"] = "bytes autograd saves during one training forward (parameters excluded)"
-        with _forward_guard(f"a training forward of {args.spec}", x):
-            memory["original"] = model_saved_bytes(model.train(), x)
-            memory["rewired"] = model_saved_bytes(rev.train(), x)
-    else:
-        memory["metric"] = "peak CUDA memory of one training step (forward, backward, SGD step)"
+    if args.device == "cuda":
         model.cuda()
         rev.cuda()  # shares the parameters; moves its own constants, if any
-        xc = x.cuda()
-        with _forward_guard(f"a training step of {args.spec}", x):
-            orig = cuda_step_peak(model, xc)
-            new = cuda_step_peak(rev, xc)
-        memory.update(original=orig["peak"], rewired=new["peak"],
-                      original_before_step=orig["before_step"], rewired_before_step=new["before_step"])
+        x = x.cuda()
+    twins = {"original": model, "checkpoint": checkpoint_twin(model, rev), "rewired": rev}
+    reports = {}
+    with _forward_guard(f"a training step of {args.spec}", x):
+        for name, twin in twins.items():
+            reports[name] = train_step_peak(twin, x, device=x.device)
+    model.zero_grad(set_to_none=True)
+    base = reports["original"]
+    memory: Dict[str, Any] = {
+        "device": args.device,
+        "metric": "peak of live tensor storage bytes during one training step (forward, backward, AdamW "
+                  "step; gradients allocated before it); activations: the peak minus the model state",
+        "model_state": base.baseline, "model_state_by_kind": base.baseline_by_kind}
+    for name, r in reports.items():
+        memory[name] = r.peak
+        memory[f"{name}_activations"] = r.above_baseline
+        memory[f"{name}_peak_at"] = f"{r.peak_phase}:{r.peak_op} in {r.peak_module or '-'}"
+        if r.cuda is not None:
+            memory[f"{name}_cuda_max_allocated"] = r.cuda["max_allocated"]
     memory["ratio"] = memory["rewired"] / memory["original"] if memory["original"] else None
+    acts = base.above_baseline
+    memory["activation_ratio"] = memory["rewired_activations"] / acts if acts else None
     data = {"spec": args.spec, "model_kwargs": kwargs, "input_shape": list(x.shape),
             "rewire_options": opts.to_dict(), "report": rep_dict, "memory": memory}
-    ratio = f"{memory['ratio']:.0%} of original" if memory["ratio"] is not None else "n/a"
-    what = "saved activations" if args.device == "cpu" else "peak CUDA memory"
-    summary = (f"{args.spec}: {_chain_summary(rep_dict)}; {what} {_mib(memory['original'])} -> "
-               f"{_mib(memory['rewired'])} ({ratio})")
-    out.say(f"{args.spec}  input {shape}", str(rep),
-            f"{'activation memory of one training forward (autograd saved tensors, cpu)' if args.device == 'cpu' else 'peak CUDA memory of one training step'}:",
-            f"  original  {_mib(memory['original']):>10}",
-            f"  rewired   {_mib(memory['rewired']):>10}  ({ratio})")
+    ratio = lambda v: f"{v:.0%} of original" if v is not None else "n/a"  # noqa: E731
+    summary = (f"{args.spec}: {_chain_summary(rep_dict)}; step peak {_mib(memory['original'])} -> "
+               f"{_mib(memory['rewired'])} ({ratio(memory['ratio'])}), activations "
+               f"{_mib(memory['original_activations'])} -> {_mib(memory['rewired_activations'])} "
+               f"({ratio(memory['activation_ratio'])}); checkpoint {_mib(memory['checkpoint'])}")
+    lines = [f"{args.spec}  input {shape}", str(rep),
+             f"step peak of one training step (forward, backward, AdamW; {args.device}, live tensor storage):",
+             f"  {'':10}  {'step peak':>10}  {'activations':>11}  peak at"]
+    for name, r in reports.items():
+        lines.append(f"  {name:10}  {_mib(r.peak):>10}  {_mib(r.above_baseline):>11}  "
+                     f"{memory[f'{name}_peak_at']}")
+    lines.append(f"  model state (parameters, gradients, AdamW state, buffers, batch): {_mib(base.baseline)}; "
+                 f"activations = step peak - model state")
+    out.say(*lines)
     out.emit(data, summary)
     return EXIT_OK
 
@@ -338,15 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect", formatter_class=_Formatter,
-        help="show the residual chains and the activation memory saved",
+        help="show the residual chains and the step peak memory, original vs checkpoint vs rewired",
         description="Build the model (random weights), rewire it, and print the chain table and the\n"
-                    "activation memory of one training forward, original vs rewired.",
+                    "step peak memory of one training step (forward, backward, AdamW) of the original,\n"
+                    "its torch.utils.checkpoint twin (every residual block) and the rewired model.",
         epilog="example:\n  revwire inspect timm:resnet18 --input-size 3,128,128",
     )
     _common(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: bytes autograd saves in one training forward (default); cuda: peak CUDA "
-                        "memory of a full training step")
+                   help="where the steps run (default: cpu); the same meter on both, and on CUDA "
+                        "the allocator's max_memory_allocated too (--json)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -242,20 +242,36 @@ def test_verify_failure_writes_nothing(tmp_path, capsys, user_module, monkeypatc
 
 
 def test_inspect_text_json_quiet(capsys):
-    args = ["inspect", "timm:vit_tiny_patch16_224", "--model-kwargs", "img_size=64", "--input-size", "3,64,64"]
+    args = ["inspect", "timm:vit_tiny_patch16_224", "--model-kwargs", "img_size=64", "--input-size", "3,64,64",
+            "--batch", "8"]
     rc, stdout, err = run(capsys, *args)
     assert rc == 0, err
-    assert "revwire_stage0  24" in stdout and "original" in stdout and "rewired" in stdout
+    assert "revwire_stage0  24" in stdout and "step peak of one training step" in stdout
+    for name in ("original", "checkpoint", "rewired", "model state"):
+        assert f"  {name}" in stdout, name
     rc, stdout, err = run(capsys, *args, "--json")
     assert rc == 0, err
     data = json.loads(stdout)
     mem = data["memory"]
-    assert data["input_shape"] == [1, 3, 64, 64] and mem["device"] == "cpu"
+    assert data["input_shape"] == [8, 3, 64, 64] and mem["device"] == "cpu"
     assert [c["num_blocks"] for c in data["report"]["chains"]] == [24]
-    assert 0 < mem["rewired"] < mem["original"] / 3, mem  # 24 blocks keep O(1) activations
+    # the model state, counted by hand: parameters, gradients, AdamW's two moments (fp32),
+    # its 0-dim fp32 step per parameter, the batch; no buffers in a ViT
+    model = revwire.build_model("timm:vit_tiny_patch16_224", {"img_size": 64})
+    params = list(model.parameters())
+    P = sum(p.numel() * 4 for p in params)
+    assert mem["model_state"] == 4 * P + 4 * len(params) + 8 * 3 * 64 * 64 * 4
+    assert mem["model_state_by_kind"]["unseen"] == 0
+    for name in ("original", "checkpoint", "rewired"):
+        assert mem[f"{name}_activations"] > 0
+        assert mem[name] == mem["model_state"] + mem[f"{name}_activations"], name
+        assert mem[f"{name}_peak_at"].split(":")[0] in ("forward", "backward", "optimizer")
+    # checkpointing every block keeps one block's activations instead of twelve
+    assert mem["checkpoint_activations"] < mem["original_activations"] / 2, mem
+    assert mem["activation_ratio"] == mem["rewired_activations"] / mem["original_activations"]
     rc, stdout, err = run(capsys, *args, "--quiet")
     assert rc == 0 and len(stdout.strip().splitlines()) == 1
-    assert stdout.startswith("timm:vit_tiny_patch16_224: 1 chain, 24 blocks; saved activations")
+    assert stdout.startswith("timm:vit_tiny_patch16_224: 1 chain, 24 blocks; step peak ")
 
 
 def test_readme_command_fits_fixed_size_timm_models(capsys, tmp_path):
