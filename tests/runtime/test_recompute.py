@@ -156,6 +156,24 @@ def test_saves_less_than_plain_autograd():
     assert checkpointed < 0.5 * stored
 
 
+def test_step_peak_below_checkpoint_per_block():
+    """The step meter's activation peak of a training step: checkpoint_rest < checkpoint
+    per residual block < plain (BatchNorm counters as plain autograd's)."""
+    from revwire.tools.twins import checkpoint_twin
+
+    model = Net(c=16).train()
+    x, t = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    twins = {"vanilla": copy.deepcopy(model),
+             "checkpoint": checkpoint_twin(copy.deepcopy(model), revwire.rewire(model, x)),
+             "rest": rewired(copy.deepcopy(model), x)}
+    peak = {k: revwire.train_step_peak(m, x, t).above_baseline for k, m in twins.items()}
+    assert peak["rest"] < peak["checkpoint"] < peak["vanilla"], peak
+    counted = {k: sum(int(b) for n, b in m.named_buffers() if n.endswith("num_batches_tracked"))
+               for k, m in twins.items()}
+    # 6 BatchNorms, 2 steps (warm-up and metered); checkpoint counts its 4 blocks' twice
+    assert counted == {"vanilla": 12, "checkpoint": 20, "rest": 12}
+
+
 def test_gradients_leave_through_autograd():
     """Hooks fire once, `autograd.grad` returns the parameters' gradients, `.grad` untouched."""
     model = Net().to(D)
