@@ -230,10 +230,16 @@ def _invert(ctx, g_a, g_b) -> tuple:
         grads = (None,) * len(leaves)
     with torch.no_grad():
         y = y.detach()  # subtracted in b's dtype, without a copy of y in it
-        older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
+        if i == 0 and run.streams is None and not run.owns(b):
+            # x_{-1} is the stage's input: nothing needs its value, only that it is finite
+            older = None
+            if stage.check_finite:
+                _note_finite(run, b, minus=y)
+        else:
+            older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
+            if stage.check_finite:
+                _note_finite(run, older)
         del y
-        if stage.check_finite:
-            _note_finite(run, older)
         if run.streams is not None:
             ref = run.streams[i]
             err = (older - ref).norm() / ref.norm().clamp_min(1e-30)
@@ -285,11 +291,14 @@ def _recompute(run: _Pass, i: int, stream: torch.Tensor, keep_rng: bool = True):
     return inp, aliases, aux_leaves, y
 
 
-def _note_finite(run: _Pass, t: torch.Tensor) -> None:
-    """Record (without a device sync) whether `t` is finite: a sum is NaN or inf if any
-    element is, and needs no stream-sized temporary."""
+def _note_finite(run: _Pass, t: torch.Tensor, minus: Optional[torch.Tensor] = None) -> None:
+    """Record (without a device sync) whether `t` (or `t - minus`, for finite `minus`) is
+    finite: a sum is NaN or inf if any element is, and needs no stream-sized temporary."""
     acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    run.finite.append(torch.isfinite(t.sum(dtype=acc)))
+    total = t.sum(dtype=acc)
+    if minus is not None:
+        total = total - minus.sum(dtype=total.dtype)
+    run.finite.append(torch.isfinite(total))
 
 
 def _raise_if_not_finite(run: _Pass) -> None:
