@@ -124,7 +124,7 @@ def ensure_clip_dataset(cfg: ClipSetConfig, cache: Optional[os.PathLike] = None,
         rng = np.random.default_rng(cfg.seed)
         s = cfg.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-        meta = {"classes": list(cfg.classes)}
+        meta = {"classes": list(cfg.classes), "frames": cfg.frames}
         for subset, per_class in (("train", cfg.num_train), ("val", cfg.num_val)):
             labels = [k for _ in range(per_class) for k in range(len(cfg.classes))]
             clips = np.empty((len(labels), cfg.frames, s, s, 3), dtype=np.uint8)
