@@ -111,6 +111,7 @@ class TrainConfig:
     backbone_lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    backbone_delay_epochs: float = 0.0  # the backbone's lr stays 0 this long (head first), then warms up
     min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
     clip_grad: float = 1.0              # max gradient norm; 0 turns clipping off
     ema_decay: float = 0.99             # 0 turns the EMA off

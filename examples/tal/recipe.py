@@ -54,6 +54,11 @@ METHODS = {   # method -> (engine, weights from stage)
     "frozen": ("frozen", "pretrain"),
     "checkpoint": ("checkpoint", "pretrain"),
 }
+# Localisation settings of the recipe, before the user's --set items: a backbone learning rate 10x
+# below the head's, and the head trained alone for 3 epochs before the backbone joins (linear
+# probing, then fine-tuning). Without the delay, end-to-end training from pretrained weights fell
+# well below frozen features on the main task (RESULTS.md).
+LOC_DEFAULTS = ["train.backbone_lr=1e-4", "train.backbone_delay_epochs=3.0"]
 LABELS = {"reversible": "end to end, rewired (reversible)", "autograd": "end to end, rewired (autograd)",
           "frozen": "frozen pretrained features", "checkpoint": "end to end, original (checkpoint)"}
 
@@ -66,7 +71,7 @@ class RecipeConfig:
     backbone: str = "tiny"                   # "tiny" (the preset's Swin3D) or a revwire model spec
     backbone_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     clips: Dict[str, Any] = dataclasses.field(default_factory=dict)   # ClipSetConfig overrides
-    pretrain_epochs: int = 30
+    pretrain_epochs: int = 15
     pretrain_lr: float = 2e-3
     recover_epochs: int = 5
     recover_lr: float = 5e-4
@@ -259,7 +264,7 @@ def saved_bytes(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, int]:
 
 def stage_report(rc: RecipeConfig, out: Path, log: Progress, results_dir: Optional[Path]) -> dict:
     pre, rec, loc = done(out, "pretrain"), done(out, "recover"), done(out, "localise")
-    runs = loc["runs"]
+    runs = {m: loc["runs"][m] for m in rc.methods}   # done.json has sorted keys
     mem = saved_bytes(rc, list(runs))
     summary = {
         "pretrain_val_acc": pre["val_acc"], "clip_acc_original": rec["val_acc_original"],
@@ -360,7 +365,7 @@ def run_recipe(rc: RecipeConfig, out: Path, quiet: bool = False, results_dir: Op
         prev = done(out, stage)
         if stage in ("localise", "report") and prev is not None:   # done for other methods: redo (cheap)
             ran = prev["runs"] if stage == "localise" else prev["methods"]
-            prev = prev if list(ran) == list(rc.methods) else None
+            prev = prev if sorted(ran) == sorted(rc.methods) else None
         if prev is not None:
             log.stage(k, stage, "done before, skipped")
             results[stage] = prev
@@ -387,7 +392,7 @@ def run_recipe(rc: RecipeConfig, out: Path, quiet: bool = False, results_dir: Op
             res = stage_report(rc, out, log, results_dir)
         res["stage_s"] = round(time.time() - t0, 1)
         atomic_write_json(out / stage / "done.json", res)
-        results[stage] = res
+        results[stage] = done(out, stage)   # as a rerun will read it
     log(f"\nrecipe finished in {time.time() - log.t0:.0f}s; outputs in {out}")
     return results
 
@@ -417,8 +422,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--methods", nargs="+", default=["reversible", "frozen", "checkpoint"], choices=sorted(METHODS))
     p.add_argument("--epochs", type=int, default=10, help="localisation epochs, every method")
     p.add_argument("--eval-every", type=int, default=2)
-    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--recover-epochs", type=int, default=5)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--recover-lr", type=float, default=5e-4)
+    p.add_argument("--clip-batch", type=int, default=16, help="batch size of the clip stages")
     p.add_argument("--distill", action="store_true", help="recover with distillation toward the original's logits")
     p.add_argument("--clip-set", action="append", default=[], metavar="NAME=VALUE",
                    help="clip-set setting (configs.ClipSetConfig), e.g. num_train=32 (repeatable)")
@@ -429,7 +437,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--restart", action="store_true", help="delete OUT and start from the first stage")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    for name in ("epochs", "eval_every", "pretrain_epochs"):
+    for name in ("epochs", "eval_every", "pretrain_epochs", "clip_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.recover_epochs < 0:
@@ -438,16 +446,19 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 
 def config_from_args(args) -> RecipeConfig:
-    loc = ([f"data.synthetic.motion_only={args.task == 'motion_only'}"] + list(args.overrides))
+    loc = [f"data.synthetic.motion_only={args.task == 'motion_only'}"] + LOC_DEFAULTS + list(args.overrides)
     rc = RecipeConfig(loc_overrides=loc, backbone=args.backbone,
                       backbone_kwargs=_kv(args.backbone_arg, "--backbone-arg"), clips=_kv(args.clip_set, "--clip-set"),
                       pretrain_epochs=args.pretrain_epochs, recover_epochs=args.recover_epochs, distill=args.distill,
+                      pretrain_lr=args.pretrain_lr, recover_lr=args.recover_lr, clip_batch=args.clip_batch,
                       epochs=args.epochs, eval_every=args.eval_every, methods=list(args.methods), seed=args.seed)
     if rc.backbone_kwargs and rc.backbone == "tiny":
         raise SystemExit("error: --backbone-arg needs --backbone SPEC (the tiny backbone is set with --set model.*)")
     try:   # fail now, not after pretraining, on a bad setting or spec
         cfg = loc_config(rc)
-        clip_config(rc, cfg)
+        from synthetic import check_clip_config
+
+        check_clip_config(clip_config(rc, cfg))
         from model import build_backbone
 
         build_backbone(cfg.model)

@@ -100,17 +100,22 @@ def clip_dataset_dir(cfg: ClipSetConfig, cache: Optional[os.PathLike] = None) ->
     return Path(cache or DEFAULT_CACHE) / f"clips-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+def check_clip_config(cfg: ClipSetConfig) -> None:
+    """Raise ValueError, saying what to change, for a clip set that cannot be generated."""
+    unknown = [c for c in cfg.classes if c not in CLASS_INDEX]
+    if unknown or len(set(cfg.classes)) != len(cfg.classes) or len(cfg.classes) < 2:
+        raise ValueError(f"clip classes {cfg.classes}: give two or more distinct names from {list(CLASS_INDEX)}")
+    if cfg.frames < 4 or cfg.num_train < 1 or cfg.num_val < 1:
+        raise ValueError("clip set needs frames >= 4 and at least one train and one val clip per class")
+
+
 def ensure_clip_dataset(cfg: ClipSetConfig, cache: Optional[os.PathLike] = None, verbose: bool = True) -> Path:
     """The folder of the trimmed-clip set for `cfg`, generated first if needed.
 
     It holds ``train.npy`` / ``val.npy`` (uint8, N x frames x size x size x 3) and ``meta.json``
     (class names, per-clip labels); built in a temporary folder and renamed into place.
     """
-    unknown = [c for c in cfg.classes if c not in CLASS_INDEX]
-    if unknown or len(set(cfg.classes)) != len(cfg.classes) or len(cfg.classes) < 2:
-        raise ValueError(f"clip classes {cfg.classes}: give two or more distinct names from {list(CLASS_INDEX)}")
-    if cfg.frames < 4 or cfg.num_train < 1 or cfg.num_val < 1:
-        raise ValueError("clip set needs frames >= 4 and at least one train and one val clip per class")
+    check_clip_config(cfg)
     final = clip_dataset_dir(cfg, cache)
     if (final / "meta.json").is_file():
         return final
