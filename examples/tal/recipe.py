@@ -9,7 +9,7 @@
                 end to end through the rewired backbone (reversible engine, recovered weights),
                 frozen pretrained features (only the head learns), end to end with checkpointing
                 (original network, pretrained weights)
-  5. report     results.json, a Markdown table and PNG plots (recovery curve, mAP vs epoch)
+  5. report     a summary (report/done.json), a Markdown table and PNG plots (recovery, mAP vs epoch)
 
     python examples/tal/recipe.py                          # everything, resumable: rerun to continue
     python examples/tal/recipe.py --distill                # recover with distillation
@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import train
-from configs import ClipSetConfig, Config, ENGINES, get_config
+from configs import ClipSetConfig, Config, get_config
 from data import atomic_write_json
 from model import ClipClassifier
 
@@ -73,7 +73,7 @@ class RecipeConfig:
     clips: Dict[str, Any] = dataclasses.field(default_factory=dict)   # ClipSetConfig overrides
     pretrain_epochs: int = 15
     pretrain_lr: float = 2e-3
-    recover_epochs: int = 5
+    recover_epochs: int = 15
     recover_lr: float = 5e-4
     distill: bool = False
     distill_weight: float = 1.0
@@ -423,7 +423,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--epochs", type=int, default=10, help="localisation epochs, every method")
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--pretrain-epochs", type=int, default=15)
-    p.add_argument("--recover-epochs", type=int, default=5)
+    p.add_argument("--recover-epochs", type=int, default=15)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--recover-lr", type=float, default=5e-4)
     p.add_argument("--clip-batch", type=int, default=16, help="batch size of the clip stages")
