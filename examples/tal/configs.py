@@ -35,6 +35,24 @@ class SyntheticConfig:
 
 
 @dataclass
+class ClipSetConfig:
+    """A synthetic set of trimmed clips, one action each, for clip classification (pretraining).
+
+    The recipe's stand-in for Kinetics: motions related to the localisation classes but not the
+    same ones (shake ~ slide, zoom ~ pulse, sway ~ spin; bounce and orbit shared with or close to
+    them), so features learnt here help localisation without already being perfect for it.
+    """
+
+    seed: int = 1
+    classes: Tuple[str, ...] = ("bounce", "orbit", "shake", "zoom", "sway", "blink")
+    num_train: int = 64                 # clips per class
+    num_val: int = 16                   # clips per class
+    frames: int = 16                    # every clip is one action from its first frame to its last
+    size: int = 40
+    motion_only: bool = True            # every class the same grey bar (as the localisation main task)
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"           # "synthetic" or "files"
     annotations: str = ""               # ActivityNet-style JSON (data.py) when source == "files"
@@ -60,7 +78,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     engine: str = "reversible"          # one of ENGINES
-    # Swin3D backbone (torchvision.models.video.swin_transformer.SwinTransformer3d)
+    # backbone: a revwire model spec ("torchvision:swin3d_t", "module:pkg.mod:factory", ...) built by
+    # revwire.build_model(backbone, backbone_kwargs) and adapted to a (B, C, T') sequence by
+    # model.py's BACKBONE_ADAPTERS; "" = the SwinTransformer3d described by the fields below
+    backbone: str = ""
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Swin3D backbone (torchvision.models.video.swin_transformer.SwinTransformer3d), when backbone == ""
     patch_size: Tuple[int, int, int] = (2, 4, 4)
     embed_dim: int = 32
     depths: Tuple[int, ...] = (2, 2)
@@ -88,6 +111,7 @@ class TrainConfig:
     backbone_lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    backbone_delay_epochs: float = 0.0  # the backbone's lr stays 0 this long (head first), then warms up
     min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
     clip_grad: float = 1.0              # max gradient norm; 0 turns clipping off
     ema_decay: float = 0.99             # 0 turns the EMA off

@@ -14,7 +14,7 @@ trained with checkpoint/frozen with one of those; the state_dict keys are the sa
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +32,27 @@ class SwinBackbone(nn.Module):
 
     (B, 3, T, H, W) -> (B, C, T / patch_size[0]), C doubled for "mean+max" pooling. Submodule
     names are torchvision's, so a torchvision swin3d state_dict loads into it (its ``head.*``
-    keys are ignored).
+    keys are ignored). Built from the ModelConfig fields, or around an existing
+    SwinTransformer3d (``swin=``, e.g. ``revwire.build_model("torchvision:swin3d_t")``).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, swin: Optional[nn.Module] = None):
         super().__init__()
-        from torchvision.models.video.swin_transformer import SwinTransformer3d
+        if swin is None:
+            from torchvision.models.video.swin_transformer import SwinTransformer3d
 
-        swin = SwinTransformer3d(
-            patch_size=list(cfg.patch_size), embed_dim=cfg.embed_dim, depths=list(cfg.depths),
-            num_heads=list(cfg.num_heads), window_size=list(cfg.window_size), mlp_ratio=cfg.mlp_ratio,
-            stochastic_depth_prob=cfg.drop_path, num_classes=1,
-        )
+            swin = SwinTransformer3d(
+                patch_size=list(cfg.patch_size), embed_dim=cfg.embed_dim, depths=list(cfg.depths),
+                num_heads=list(cfg.num_heads), window_size=list(cfg.window_size), mlp_ratio=cfg.mlp_ratio,
+                stochastic_depth_prob=cfg.drop_path, num_classes=1,
+            )
         self.patch_embed, self.pos_drop, self.features, self.norm = (
             swin.patch_embed, swin.pos_drop, swin.features, swin.norm)
         if cfg.spatial_pool not in ("mean", "max", "mean+max"):
             raise ValueError(f"model.spatial_pool={cfg.spatial_pool!r}: choose 'mean', 'max' or 'mean+max'")
         self.pool = cfg.spatial_pool
         self.out_channels = swin.num_features * (2 if self.pool == "mean+max" else 1)
-        self.temporal_stride = cfg.patch_size[0]
+        self.temporal_stride = int(swin.patch_embed.tuple_patch_size[0])
         self.checkpoint_blocks = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +94,54 @@ class SwinBackbone(nn.Module):
                 f"weights file {path!r} does not fit this backbone (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); {hint}"
             )
+
+
+# -- backbones from revwire model specs ----------------------------------------------------------
+#
+# A sequence backbone maps clips (B, 3, T, H, W) to features (B, C, T'), and has `out_channels`,
+# `temporal_stride` (T / T'), `checkpoint_blocks` (the checkpoint engine sets it: checkpoint each
+# residual block in forward) and `load_weights(path)`. An adapter turns the module that
+# `revwire.build_model(spec, kwargs)` returns into one; adapters are looked up by the module's
+# class name. To add a backbone (pytorchvideo's SlowFast, transformers' VideoMAEModel, ...):
+#
+#     @register_backbone("VideoMAEModel")
+#     def _videomae(net, cfg): return VideoMAESequence(net, cfg)    # (B, 3, T, H, W) -> (B, C, T')
+#
+# and run with `--set model.backbone='transformers:VideoMAEModel'` once revwire knows that spec.
+
+BACKBONE_ADAPTERS: Dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {}
+
+
+def register_backbone(class_name: str):
+    """Decorator: register `fn(net, cfg) -> sequence backbone` for modules of class `class_name`."""
+    def deco(fn):
+        BACKBONE_ADAPTERS[class_name] = fn
+        return fn
+    return deco
+
+
+@register_backbone("SwinTransformer3d")
+def _swin3d(net: nn.Module, cfg: ModelConfig) -> nn.Module:
+    return SwinBackbone(cfg, swin=net)
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The sequence backbone of `cfg`: the spec `cfg.backbone` through revwire, or the config's Swin3D."""
+    if not cfg.backbone:
+        return SwinBackbone(cfg)
+    import revwire
+
+    try:
+        net = revwire.build_model(cfg.backbone, dict(cfg.backbone_kwargs))
+    except revwire.SpecError as e:
+        raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
+    kind = type(net).__name__
+    if kind not in BACKBONE_ADAPTERS:
+        raise ValueError(
+            f"model.backbone={cfg.backbone!r} builds a {kind}, which has no sequence adapter (known: "
+            f"{sorted(BACKBONE_ADAPTERS)}); register one in model.py with @register_backbone({kind!r})"
+        )
+    return BACKBONE_ADAPTERS[kind](net, cfg)
 
 
 class ChannelNorm(nn.Module):
@@ -154,34 +204,12 @@ class Head(nn.Module):
         return self.out(x)
 
 
-class TALModel(nn.Module):
-    """Clips (B, 3, T, H, W) -> per-point class logits and boundary distances on a pyramid.
+class BackboneEngines(nn.Module):
+    """A model with a ``self.backbone`` that one of the four engines runs (set_engine)."""
 
-    Points live in backbone steps (one step = `temporal_stride` sampled frames); the point k
-    of level l covers steps [k * 2**l, (k + 1) * 2**l) and sits at its centre.
-    """
+    engine = "plain"
 
-    def __init__(self, cfg: ModelConfig, num_classes: int):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError("TALModel needs at least one class")
-        self.cfg, self.num_classes = cfg, num_classes
-        self.backbone = SwinBackbone(cfg)
-        if cfg.weights:
-            self.backbone.load_weights(cfg.weights)
-        self.temporal_stride = self.backbone.temporal_stride
-        self.out_channels = self.backbone.out_channels
-        self.pyramid = TemporalPyramid(self.out_channels, cfg.neck_dim, cfg.neck_layers, cfg.pyramid_levels)
-        prior = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
-        self.cls_head = Head(cfg.neck_dim, num_classes, cfg.head_layers, bias=prior)
-        self.reg_head = Head(cfg.neck_dim, 2, cfg.head_layers)
-        self.scales = nn.Parameter(torch.ones(cfg.pyramid_levels))
-        self.engine = "plain"
-        self.loss_normalizer: Optional[float] = None   # EMA of positives per batch, set by the first batch
-
-    # -- engines -------------------------------------------------------------------------------
-
-    def set_engine(self, engine: str, example: Optional[torch.Tensor] = None) -> "TALModel":
+    def set_engine(self, engine: str, example: Optional[torch.Tensor] = None) -> "BackboneEngines":
         """Run the backbone with `engine`; rewiring needs an example clip (1, 3, T, H, W)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
@@ -208,11 +236,44 @@ class TALModel(nn.Module):
         self.train(self.training)
         return self
 
-    def train(self, mode: bool = True) -> "TALModel":
+    def train(self, mode: bool = True) -> "BackboneEngines":
         super().train(mode)
         if self.engine == "frozen":
             self.backbone.eval()   # a frozen backbone is a fixed feature extractor
         return self
+
+    def backbone_features(self, clip: torch.Tensor) -> torch.Tensor:
+        """The backbone's (B, C, T') features of `clip`, without gradients when it is frozen."""
+        if self.engine == "frozen":
+            with torch.no_grad():
+                return self.backbone(clip)
+        return self.backbone(clip)
+
+
+class TALModel(BackboneEngines):
+    """Clips (B, 3, T, H, W) -> per-point class logits and boundary distances on a pyramid.
+
+    Points live in backbone steps (one step = `temporal_stride` sampled frames); the point k
+    of level l covers steps [k * 2**l, (k + 1) * 2**l) and sits at its centre.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("TALModel needs at least one class")
+        self.cfg, self.num_classes = cfg, num_classes
+        self.backbone = build_backbone(cfg)
+        if cfg.weights:
+            self.backbone.load_weights(cfg.weights)
+        self.temporal_stride = self.backbone.temporal_stride
+        self.out_channels = self.backbone.out_channels
+        self.pyramid = TemporalPyramid(self.out_channels, cfg.neck_dim, cfg.neck_layers, cfg.pyramid_levels)
+        prior = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
+        self.cls_head = Head(cfg.neck_dim, num_classes, cfg.head_layers, bias=prior)
+        self.reg_head = Head(cfg.neck_dim, 2, cfg.head_layers)
+        self.scales = nn.Parameter(torch.ones(cfg.pyramid_levels))
+        self.engine = "plain"
+        self.loss_normalizer: Optional[float] = None   # EMA of positives per batch, set by the first batch
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         return list(self.backbone.parameters())
@@ -227,11 +288,7 @@ class TALModel(nn.Module):
         """
         if clip.dim() != 5 or clip.shape[1] != 3:
             raise ValueError(f"expected clips of shape (B, 3, T, H, W), got {tuple(clip.shape)}")
-        if self.engine == "frozen":
-            with torch.no_grad():
-                feats = self.backbone(clip)
-        else:
-            feats = self.backbone(clip)
+        feats = self.backbone_features(clip)
         steps = feats.shape[-1]
         valid_steps = torch.div(valid + self.temporal_stride - 1, self.temporal_stride, rounding_mode="floor")
         mask = torch.arange(steps, device=clip.device)[None] < valid_steps.to(clip.device)[:, None]
@@ -335,6 +392,24 @@ class TALModel(nn.Module):
             ok = seg[:, 1] - seg[:, 0] > 1e-3
             results.append({"segments": seg[ok].cpu(), "scores": flat[keep][ok].cpu(), "labels": label[ok].cpu()})
         return results
+
+
+class ClipClassifier(BackboneEngines):
+    """Trimmed clips (B, 3, T, H, W) -> class logits (B, K): the sequence backbone, mean over time,
+    a linear layer. Pretraining (the Kinetics step) and recovery after rewiring use it; its
+    ``backbone`` has the same state_dict keys as TALModel's, so the weights move between them.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        self.backbone = build_backbone(cfg)
+        if cfg.weights:
+            self.backbone.load_weights(cfg.weights)
+        self.fc = nn.Linear(self.backbone.out_channels, num_classes)
+        self.engine = "plain"
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone_features(clip).mean(dim=-1))
 
 
 def build_model(cfg: ModelConfig, num_classes: int, example: Optional[torch.Tensor] = None,

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from configs import SyntheticConfig
+from configs import ClipSetConfig, SyntheticConfig
 from data import Segment, VideoRecord, atomic_write_json, to_database
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
@@ -43,8 +43,14 @@ CLASSES: Tuple[Tuple[str, Tuple[float, float, float]], ...] = (
     ("spin", (1.0, 0.9, 0.1)),       # bar rotating about its centre
     ("blink", (0.95, 0.2, 0.95)),    # disc switching on and off
     ("orbit", (0.1, 0.95, 0.95)),    # disc moving on a circle
+    # motions used by the trimmed-clip pretraining set (the "Kinetics" of this example), related
+    # to the localisation classes above but not the same: see ClipSetConfig
+    ("shake", (1.0, 0.55, 0.1)),     # square oscillating left and right (slide's relative)
+    ("zoom", (0.6, 0.3, 1.0)),       # disc growing or shrinking once (pulse's relative)
+    ("sway", (0.5, 1.0, 0.5)),       # bar rocking back and forth about its centre (spin's relative)
 )
-CLASS_SHAPES = ("square", "disc", "square", "bar", "disc", "disc")
+CLASS_SHAPES = ("square", "disc", "square", "bar", "disc", "disc", "square", "disc", "bar")
+CLASS_INDEX = {name: k for k, (name, _) in enumerate(CLASSES)}
 SHARED_COLOUR = (0.95, 0.95, 0.95)
 
 
@@ -82,6 +88,64 @@ def ensure_dataset(cfg: SyntheticConfig, cache: Optional[os.PathLike] = None, fm
             os.replace(tmp, final)
         except OSError:
             if not (final / "annotations.json").is_file():  # not a concurrent writer that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def clip_dataset_dir(cfg: ClipSetConfig, cache: Optional[os.PathLike] = None) -> Path:
+    """Where the trimmed-clip set for `cfg` lives: the name hashes every parameter."""
+    key = json.dumps({"clips": dataclasses.asdict(cfg), "version": FORMAT_VERSION}, sort_keys=True)
+    return Path(cache or DEFAULT_CACHE) / f"clips-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def check_clip_config(cfg: ClipSetConfig) -> None:
+    """Raise ValueError, saying what to change, for a clip set that cannot be generated."""
+    unknown = [c for c in cfg.classes if c not in CLASS_INDEX]
+    if unknown or len(set(cfg.classes)) != len(cfg.classes) or len(cfg.classes) < 2:
+        raise ValueError(f"clip classes {cfg.classes}: give two or more distinct names from {list(CLASS_INDEX)}")
+    if cfg.frames < 4 or cfg.num_train < 1 or cfg.num_val < 1:
+        raise ValueError("clip set needs frames >= 4 and at least one train and one val clip per class")
+
+
+def ensure_clip_dataset(cfg: ClipSetConfig, cache: Optional[os.PathLike] = None, verbose: bool = True) -> Path:
+    """The folder of the trimmed-clip set for `cfg`, generated first if needed.
+
+    It holds ``train.npy`` / ``val.npy`` (uint8, N x frames x size x size x 3) and ``meta.json``
+    (class names, per-clip labels); built in a temporary folder and renamed into place.
+    """
+    check_clip_config(cfg)
+    final = clip_dataset_dir(cfg, cache)
+    if (final / "meta.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if verbose:
+        print(f"generating synthetic clip set in {final} ...", flush=True)
+    try:
+        rng = np.random.default_rng(cfg.seed)
+        s = cfg.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        meta = {"classes": list(cfg.classes), "frames": cfg.frames}
+        for subset, per_class in (("train", cfg.num_train), ("val", cfg.num_val)):
+            labels = [k for _ in range(per_class) for k in range(len(cfg.classes))]
+            clips = np.empty((len(labels), cfg.frames, s, s, 3), dtype=np.uint8)
+            for i, k in enumerate(labels):
+                frames = _background(cfg.frames, s, rng)
+                cls = CLASS_INDEX[cfg.classes[k]]
+                _draw_action(frames, cls, CLASSES[cls][1], xx, yy, s, rng, cfg.motion_only)
+                frames += rng.normal(0.0, 0.02, size=frames.shape).astype(np.float32)
+                clips[i] = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            np.save(tmp / f"{subset}.npy", clips)
+            meta[f"{subset}_labels"] = labels
+        atomic_write_json(tmp / "meta.json", meta)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,9 +246,15 @@ def _draw_action(frames, cls, colour, xx, yy, s, rng, shared: bool = False) -> N
         elif cls == 4:  # blink: on for 2 frames, off for 2
             if (t // 2) % 2:
                 continue
-        else:           # orbit: move on a circle
+        elif cls == 5:  # orbit: move on a circle
             a = phase + direction * 2 * math.pi * t / 12
             x, y = cx + 0.22 * s * math.cos(a), cy + 0.22 * s * math.sin(a)
+        elif cls == 6:  # shake: horizontal oscillation
+            x = min(max(cx + 0.3 * s * math.sin(phase + 2 * math.pi * t / 8), r), s - r)
+        elif cls == 7:  # zoom: one monotonic change of size
+            scale = 0.5 + 0.8 * (u if direction > 0 else 1 - u)
+        else:           # sway: rotation oscillating about the resting angle
+            angle = rest + 0.7 * math.sin(phase + 2 * math.pi * t / 8)
         frames[t][_shape_mask(shape, xx, yy, x, y, r * scale, angle)] = colour
 
 

@@ -84,14 +84,31 @@ def build_optimizer(model: TALModel, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """Linear warm-up from 0 to each group's lr, then cosine decay to lr * min_ratio (per step)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
+                  backbone_delay_steps: int = 0):
+    """Linear warm-up from 0 to each group's lr, then cosine decay to lr * min_ratio (per step).
+
+    With `backbone_delay_steps`, the backbone's groups (named ``backbone*``) keep lr 0 for that many
+    steps, so only the head learns at first (linear probing, then fine-tuning: a random head's
+    first gradients do not distort pretrained features), then follow the same warm-up and cosine
+    over the remaining steps.
+    """
+    def schedule(offset: int):
+        span = max(1, total_steps - offset)
+
+        def factor(step: int) -> float:
+            step -= offset
+            if step < 0:
+                return 0.0
+            if step < warmup_steps:
+                return (step + 1) / (warmup_steps + 1)
+            progress = min(1.0, (step - warmup_steps) / max(1, span - warmup_steps))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return factor
+
+    lambdas = [schedule(backbone_delay_steps if g.get("name", "").startswith("backbone") else 0)
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 class EMA:
@@ -377,7 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     optimizer = build_optimizer(raw, cfg)
     steps_per_epoch = max(1, len(train_loader))
     scheduler = warmup_cosine(optimizer, int(cfg.train.warmup_epochs * steps_per_epoch),
-                              cfg.train.epochs * steps_per_epoch, cfg.train.min_lr_ratio)
+                              cfg.train.epochs * steps_per_epoch, cfg.train.min_lr_ratio,
+                              int(cfg.train.backbone_delay_epochs * steps_per_epoch))
     ema = EMA(raw, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     start_epoch, history = 1, []
     if ckpt is not None:
