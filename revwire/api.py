@@ -11,7 +11,7 @@ from .compiler.match import match
 from .compiler.report import Report
 from .compiler.rewrite import rewrite
 from .compiler.shapes import propagate
-from .compiler.trace import trace
+from .compiler.trace import RootInputs, bind_inputs, trace
 from .errors import InputError, NoChainError, RewireError
 from .options import RewireOptions
 from .runtime.engine import stages
@@ -19,27 +19,45 @@ from .runtime.engine import stages
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
 
-def _example_inputs(model: nn.Module, example_inputs) -> tuple:
+def _example_inputs(model: nn.Module, example_inputs) -> RootInputs:
+    """The example inputs, bound to the forward's parameters.
+
+    A tensor; a tuple (or list) of the forward's positional inputs, each a tensor or a
+    list / tuple / dict of tensors; or a dict of keyword inputs (constants allowed).
+    """
     if example_inputs is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
         if not size:
             raise InputError(
                 f"example_inputs are needed to rewire {type(model).__name__}: pass "
-                f"revwire.rewire(model, torch.randn(1, C, H, W)) (or a tuple of the forward's tensors)"
+                f"revwire.rewire(model, torch.randn(1, C, H, W)) (or a tuple of the forward's inputs, "
+                f"or a dict of keyword inputs)"
             )
         p = next(iter(model.parameters()), None)
-        return (torch.randn(1, *size, device=p.device if p is not None else "cpu",
-                            dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32),)
+        example_inputs = torch.randn(1, *size, device=p.device if p is not None else "cpu",
+                                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-            isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
+        return bind_inputs(model, (example_inputs,))
+    if isinstance(example_inputs, dict) and example_inputs and all(isinstance(k, str) for k in example_inputs):
+        return bind_inputs(model, (), example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return bind_inputs(model, tuple(example_inputs))
     raise InputError(
-        f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-        f"{type(example_inputs).__name__}"
+        f"example_inputs must be a tensor, a non-empty tuple of the forward's inputs (tensors, or "
+        f"lists of tensors) or a dict of keyword inputs, got {type(example_inputs).__name__}"
     )
+
+
+def _input_shapes(inputs: RootInputs) -> list:
+    """[B, C, H, W] per positional input; a list of such for a list input."""
+    def shape(v):
+        if isinstance(v, torch.Tensor):
+            return list(v.shape)
+        if isinstance(v, dict):
+            return {k: shape(x) for k, x in v.items()}
+        return [shape(x) for x in v]
+    return [shape(v) for v in inputs.values]
 
 
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -64,17 +82,21 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     Every chain of at least `min_blocks` same-shape residual blocks runs as one
     `ReversibleStage`. The result is a `torch.fx.GraphModule` with the same call
     signature; its parameters are `model`'s own objects and its `state_dict()` keys
-    equal `model`'s. Options (`min_blocks`, `post_activation`, `leaf_modules`,
-    `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`) are the
-    fields of `revwire.RewireOptions`: pass them as keywords, or as `options=`.
+    equal `model`'s. `example_inputs`: a tensor, a tuple of the forward's positional
+    inputs (each a tensor or a list / tuple / dict of tensors: `([slow, fast],)`), or a
+    dict of keyword inputs. Options (`min_blocks`, `post_activation`, `leaf_modules`,
+    `not_leaf`, `autowrap_functions`, `capture`, `strict`, `stream_dtype`, `engine`,
+    `check_finite`) are the fields of `revwire.RewireOptions`: pass them as keywords,
+    or as `options=`.
     See `revwire.report(result)` for what was converted.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"rewire expects an nn.Module, got {type(model).__name__}")
     opts = RewireOptions.from_kwargs(options, **option_values)
     inputs = _example_inputs(model, example_inputs)
-    gm = trace(model, len(inputs), leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions)
-    propagate(gm, inputs)
+    gm = trace(model, inputs, leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
+               not_leaf=opts.not_leaf, capture=opts.capture)
+    propagate(gm, inputs.call_args)
     found = match(gm, min_blocks=opts.min_blocks, post_activation=opts.post_activation)
     report = rewrite(gm, found, opts, type(model).__name__)
     if not report.chains:
@@ -94,7 +116,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     _copy_plain_attributes(model, gm)
     _check_same_parameters(model, gm)
     _preserve(gm, revwire_report=report, revwire_options=opts,
-              revwire_input_shapes=[list(t.shape) for t in inputs])
+              revwire_input_shapes=_input_shapes(inputs))
     return gm
 
 
