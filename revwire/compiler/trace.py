@@ -160,7 +160,12 @@ class ValueProxy(fx.Proxy):
     def keys(self):
         return self._concrete("keys").keys()
 
+    def __setitem__(self, key, value):  # `mask[:, h, w] = k`: recorded (a mutation, never dead code)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __getattr__(self, k):
+        if k.startswith("__"):  # protocol probes (numpy's __array_struct__, copy's __deepcopy__)
+            raise AttributeError(k)
         if k in _CONCRETE_ATTRS:
             return getattr(self.value, k)
         return ValueAttribute(self, k)
@@ -186,8 +191,18 @@ class ValueAttribute(ValueProxy, fx.proxy.Attribute):
         return None
 
 
-def _value_of(a):
-    return a.value if isinstance(a, ValueProxy) else a
+def _values(a):
+    """`a` with every ValueProxy replaced by its value, in ordinary (mutable) containers."""
+    if isinstance(a, ValueProxy):
+        return a.value
+    if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+        items = [_values(x) for x in a]
+        return items if isinstance(a, list) else tuple(items)
+    if isinstance(a, dict):
+        return {k: _values(v) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_values(a.start), _values(a.stop), _values(a.step))
+    return a
 
 
 def _is_data(kind: str, target, args, kwargs, value) -> bool:
@@ -356,12 +371,17 @@ class RewireTracer(fx.Tracer):
             proxy.data = _is_data(kind, target, args, kwargs, proxy.value)
             if not isinstance(proxy.value, torch.Tensor):
                 proxy.dims = _dims_of(kind, target, args, kwargs)
+            if type(proxy.value) in (list, tuple) and kind != "get_attr":
+                # a list or tuple of values (two pathways, `torch.split`) is one: the code
+                # may take its length, iterate it, or assign into it
+                items = [proxy[i] for i in range(len(proxy.value))]
+                return items if isinstance(proxy.value, list) else tuple(items)
         return proxy
 
     def _run(self, kind, target, args, kwargs):
         """The value of one node, computed eagerly from its inputs' values (fx's patches
         lifted, no autograd, modules in eval mode so BatchNorm statistics stay)."""
-        vargs, vkwargs = fx.node.map_aggregate((args, kwargs), _value_of)
+        vargs, vkwargs = _values(args), _values(kwargs)
         patcher = _symbolic_trace.CURRENT_PATCHER
         if patcher is not None:
             patcher.revert_all_patches()
@@ -645,9 +665,7 @@ def _reason(e: BaseException) -> str:
 def _trace_error(model: nn.Module, failures) -> TraceError:
     """One message for every front end that failed: where, the line, why, what to do."""
     parts = [f"{mode} capture failed at module '{where}': {_reason(e)}" for mode, where, e in failures]
-    where = failures[-1][1]
-    first_where = failures[0][1]
-    cls = _class_at(model, first_where) or _class_at(model, where)
+    cls = _class_at(model, failures[-1][1]) or _class_at(model, failures[0][1])
     if cls:
         advice = (f"Pass leaf_modules=[{cls}] (or autowrap_functions=[...] for a function) to keep "
                   f"it out of the trace")

@@ -34,7 +34,7 @@ from ..api import rewire
 from ..errors import CheckpointError, OutputError, RewireError
 from ..options import RewireOptions
 from ..runtime.engine import set_engine, stages
-from .specs import build_model, make_input, parse_spec, record_spec, spec_of
+from .specs import build_model, make_inputs, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
 FORMAT_VERSION = 1
@@ -477,8 +477,8 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
     dtype = _dtype(data.get("dtype") or "float32")
     if dtype != torch.float32:
         model = model.to(dtype)
-    gen_inputs = tuple(make_input(shape[1:], shape[0], seed=0, dtype=dtype) for shape in data["input_shapes"])
-    example = gen_inputs[0] if len(gen_inputs) == 1 else gen_inputs
+    gen_inputs = make_inputs(data["input_shapes"], seed=0, dtype=dtype)
+    example = gen_inputs  # a tuple of the positional inputs (one may be a list: [slow, fast])
     state_dict = data["state_dict"]
     check_state_dict(model, state_dict, source=f"revwire file {path}", target=data["spec"])
     rev = rewire(model, example, _options_in(data, path))

@@ -38,19 +38,22 @@ def _step(model, engine, args, seed):
 def check_rewire(model, args, *, blocks=None, seed=0, **options):
     """Rewire `model` (float64, train mode, weights perturbed) on `args` (a tuple of the
     forward's inputs) and assert what the compiler guarantees; returns the rewired model."""
-    model = perturb_weights(model.double().train(), seed=seed)
+    model.double()
+    model.train()  # (mmaction2 backbones override train() and return None)
+    model = perturb_weights(model, seed=seed)
     args = pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, args)
     keys = list(model.state_dict().keys())
     params = {n: p for n, p in model.named_parameters()}
-    rev = revwire.rewire(model, args, **options)
+    rev = revwire.rewire(model, _fresh(args), **options)
     report = revwire.report(rev)
     if blocks is not None:
         assert [c.num_blocks for c in report.chains] == blocks, str(report)
     assert list(rev.state_dict().keys()) == keys
     for n, p in rev.named_parameters():
         assert p is params[n], n
+    torch.manual_seed(seed)
+    expect = model(*_fresh(args))  # (pytorchvideo's forward assigns into its input list)
     state = copy.deepcopy(model.state_dict())
-    expect = model(*args)
     ag = _step(rev, "autograd", args, seed)
     rev.load_state_dict(state)
     rv = _step(rev, "reversible", args, seed)
@@ -76,6 +79,10 @@ def check_rewire(model, args, *, blocks=None, seed=0, **options):
     return rev
 
 
+def _fresh(args):
+    return pytree.tree_map(lambda t: t, args)  # new containers, same tensors
+
+
 def grad_error(got, want):
     """Largest relative gradient error. A gradient that is zero in exact arithmetic (the
     bias of attention keys: softmax ignores it) is rounding noise in both engines, so the
@@ -96,6 +103,6 @@ def _saved_bytes(model, args):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*args)
+        out = model(*_fresh(args))
     del out
     return total[0]
