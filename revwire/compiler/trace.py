@@ -666,7 +666,15 @@ def _trace_error(model: nn.Module, failures) -> TraceError:
     """One message for every front end that failed: where, the line, why, what to do."""
     parts = [f"{mode} capture failed at module '{where}': {_reason(e)}" for mode, where, e in failures]
     cls = _class_at(model, failures[-1][1]) or _class_at(model, failures[0][1])
-    if cls:
+    builtin = False
+    try:
+        builtin = type(model.get_submodule(failures[-1][1])).__module__.startswith("torch.nn")
+    except (AttributeError, ValueError):
+        pass
+    if builtin:
+        advice = (f"'{failures[-1][1]}' is a {cls} (a leaf) that failed on the example inputs' values: "
+                  f"pass example_inputs the model accepts (shapes, dtype, device)")
+    elif cls:
         advice = (f"Pass leaf_modules=[{cls}] (or autowrap_functions=[...] for a function) to keep "
                   f"it out of the trace")
     else:

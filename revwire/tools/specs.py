@@ -181,10 +181,20 @@ def _transformers_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> 
     if pretrained:
         raise SpecError(f"transformers:{name} has no pretrained weights of its own: save a checkpoint "
                         f"with save_pretrained and use transformers:/that/dir, or --checkpoint PATH")
+    config_cls = cls.config_class
     try:
-        config = cls.config_class(**kwargs)
-    except TypeError as e:
-        raise SpecError(f"cannot make {cls.config_class.__name__} with {kwargs}: {e}") from None
+        known = set(config_cls().to_dict())
+    except Exception:  # a config that needs arguments: let it check them itself
+        known = None
+    unknown = sorted(set(kwargs) - known) if known is not None else []
+    if unknown:  # transformers configs keep unknown keywords silently: a typo would be ignored
+        raise SpecError(f"{config_cls.__name__} has no field {unknown[0]!r}"
+                        f"{did_you_mean(unknown[0], sorted(known))} (--model-kwargs set config fields)")
+    try:
+        config = config_cls(**kwargs)
+    except Exception as e:
+        raise SpecError(f"cannot make {config_cls.__name__} with {kwargs}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return cls(config)
 
 
@@ -395,8 +405,12 @@ def make_input(size: Sequence[int], batch: int = 1, *, seed: Optional[int] = 0,
 
 def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: Optional[Sequence[int]] = None,
                   batch: int = 1, model_kwargs: Optional[Mapping[str, Any]] = None, seed: Optional[int] = 0,
-                  device=None) -> torch.Tensor:
-    """A random input batch for `model`: `input_size` if given, else the model's own."""
+                  device=None, structured: bool = False) -> torch.Tensor:
+    """A random input batch for `model`: `input_size` if given, else the model's own.
+
+    A SlowFast model takes one list `[slow, fast]` (the slow pathway every alpha-th frame
+    of the fast one): with `structured=True` that list is returned; otherwise (the CLI,
+    which handles one input tensor) an InputError says to use the Python API."""
     if spec is None:
         record = spec_of(model)
         if record is not None:
@@ -404,6 +418,11 @@ def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: O
     size = tuple(input_size) if input_size else default_input_size(model, spec, model_kwargs)
     x = make_input(size, batch, seed=seed, device=device)
     if is_two_pathway(spec):  # [slow, fast]: the slow pathway sees every alpha-th frame
+        if not structured:
+            raise InputError(
+                f"{spec} takes one list [slow, fast] as its input; the command line handles models "
+                f"that take one tensor: use the Python API, revwire.rewire(model, ([slow, fast],)) "
+                f"(default_input(model, '{spec}', structured=True) makes that list) and revwire.save / load")
         stride = (model_kwargs or {}).get("slowfast_fusion_conv_stride") or (4,)
         alpha = int(stride[0])
         return [x[:, :, ::alpha].contiguous(), x]
