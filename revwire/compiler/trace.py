@@ -397,7 +397,8 @@ class RewireTracer(fx.Tracer):
                     module = self.root.get_submodule(target)
                     modes = {m: m.training for m in module.modules()}
                     try:
-                        module.eval()
+                        for m in modes:  # the flag only: some libraries' train() overrides do more
+                            m.training = False
                         return module(*vargs, **vkwargs)
                     finally:
                         for m, t in modes.items():

@@ -28,9 +28,15 @@ def test_hf_vit_returns_its_model_output():
         rev(torch.randn(2, 3, 40, 40, dtype=torch.float64))  # the forward decided on H, W
 
 
-def test_hf_videomae():
-    model = T.VideoMAEModel(_vit_cfg(T.VideoMAEConfig, image_size=32, patch_size=8, num_frames=4, tubelet_size=2))
-    check_rewire(model, (torch.randn(2, 4, 3, 32, 32),), blocks=[6])
+def test_hf_videomae_with_dropout():
+    """Hidden and attention dropout in train mode: the recompute must replay the same masks."""
+    model = T.VideoMAEModel(_vit_cfg(T.VideoMAEConfig, image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
+                                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+    rev = check_rewire(model, (torch.randn(2, 4, 3, 32, 32),), blocks=[6])
+    x = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64)
+    assert not torch.equal(rev(x).last_hidden_state, rev(x).last_hidden_state)  # dropout is on
+    rev.eval()
+    assert torch.equal(rev(x).last_hidden_state, rev(x).last_hidden_state)  # and off in eval mode
 
 
 def test_hf_vivit():
