@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.immutable_collections import immutable_list
 
 from ..errors import InputError
 
@@ -72,7 +73,9 @@ def metadata_source(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _mutable(value):
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    # plain lists and tuples (and fx's immutable lists) only: not named tuples, nor torch's
+    # structseqs (`x.max(dim)` returns one whose `.values` a later node reads)
+    if isinstance(value, (list, tuple)) and (type(value) in (list, tuple) or isinstance(value, immutable_list)):
         items = [_mutable(v) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.immutable_collections import immutable_list
 
 from ..errors import TraceError
 
@@ -85,13 +86,13 @@ def reads_training_flag(cls: type) -> bool:
     call (`__call__`, `gradient_checkpointing_enable`, ...) do not change what the
     forward computes, and making such a class a leaf would hide the blocks inside it.
     """
-    seen, todo = set(), ["forward"]
+    seen, todo = set(), [(cls, "forward")]
     while todo:
-        name = todo.pop()
-        if name in seen or name in _SKIP_METHODS:
+        klass, name = todo.pop()
+        if (klass, name) in seen or name in _SKIP_METHODS:
             continue
-        seen.add(name)
-        fn = _own_function(cls, name)
+        seen.add((klass, name))
+        fn = _own_function(klass, name)
         if fn is None:
             continue
         try:
@@ -100,7 +101,16 @@ def reads_training_flag(cls: type) -> bool:
             continue
         if _source_reads_training(code):
             return True
-        todo.extend(m for m in re.findall(r"self\.(\w+)\(", code) if m not in seen)
+        todo.extend((cls, m) for m in re.findall(r"self\.(\w+)\(", code))
+        # `super().forward(x)`: the same name further up the MRO
+        owner = next((k for k in cls.__mro__ if vars(k).get(name) is not None
+                      and getattr(vars(k)[name], "__func__", vars(k)[name]) is fn), None)
+        if owner is not None:
+            parents = cls.__mro__[cls.__mro__.index(owner) + 1:]
+            for m in re.findall(r"super\(\)\.(\w+)\(", code):
+                parent = next((k for k in parents if m in vars(k)), None)
+                if parent is not None:
+                    todo.append((parent, m))
     return False
 
 
@@ -195,7 +205,7 @@ def _values(a):
     """`a` with every ValueProxy replaced by its value, in ordinary (mutable) containers."""
     if isinstance(a, ValueProxy):
         return a.value
-    if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+    if isinstance(a, (list, tuple)) and (type(a) in (list, tuple) or isinstance(a, immutable_list)):
         items = [_values(x) for x in a]
         return items if isinstance(a, list) else tuple(items)
     if isinstance(a, dict):
@@ -606,6 +616,7 @@ def trace(model: nn.Module, inputs, *, leaf_modules: Sequence[type] = (),
         modes = {"auto": ["symbolic", "concrete"], "symbolic": ["symbolic"], "concrete": ["concrete"]}[capture]
     plain = root_inputs is None or _plain_call(model, root_inputs)
     failures = []
+    before = {m: dict(vars(m)) for m in model.modules()}
     for mode in modes:
         concrete_mode = mode == "concrete"
         # the historical call (positional tensors into an undecorated forward) keeps fx's own
@@ -624,9 +635,11 @@ def trace(model: nn.Module, inputs, *, leaf_modules: Sequence[type] = (),
                 graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as e:  # fx raises anything: TraceError, TypeError, RuntimeError, ...
             _take_tensor_constants(model)  # leave the user's model as it was
+            _scrub_proxies(before)
             where = (tracer.path_stack[-1] if tracer.path_stack else "") or "<model forward>"
             failures.append((mode, where, e))
             continue
+        _scrub_proxies(before)
         break
     else:
         raise _trace_error(model, failures)
@@ -647,6 +660,33 @@ def trace(model: nn.Module, inputs, *, leaf_modules: Sequence[type] = (),
     gm.meta["revwire_decisions"] = [d.where for d in tracer.decisions]
     gm.meta["revwire_trace_failures"] = [f"{m}: {_reason(e)}" for m, _, e in failures]
     return gm
+
+
+def _has_proxy(value) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, fx.Proxy) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, fx.Proxy) for v in value.values())
+    return False
+
+
+def _scrub_proxies(before: dict) -> None:
+    """Attributes a forward set on its modules while being traced (transformers' Swin stores
+    `self.window_size = min(input_resolution)`) must not keep a Proxy: a later trace would
+    read a node of this graph. A concretely captured value becomes what an eager run would
+    have stored; otherwise the attribute is put back as it was."""
+    for module, saved in before.items():
+        for name, value in list(vars(module).items()):
+            if not _has_proxy(value):
+                continue
+            if isinstance(value, ValueProxy) and not isinstance(value.value, torch.Tensor):
+                setattr(module, name, value.value)
+            elif name in saved:
+                setattr(module, name, saved[name])
+            else:
+                delattr(module, name)
 
 
 def _plain_call(model: nn.Module, root_inputs: "RootInputs") -> bool:

@@ -229,3 +229,23 @@ def test_trace_keeps_the_historical_form():
         trace(model, bind_inputs(model, (torch.randn(2, 5, 3, dtype=torch.float64),)), capture="concrete")
     with pytest.raises(ValueError, match="capture"):
         trace(ShapeDependent(), 1, capture="nope")
+
+
+def test_leaf_rule_follows_super_calls():
+    class Base(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, self.training)
+
+    class Child(Base):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class PlainChild(Plain):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    assert reads_training_flag(Child) and not reads_training_flag(PlainChild)
