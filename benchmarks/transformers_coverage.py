@@ -42,6 +42,7 @@ RESULTS = HERE / "results"
 CSV_PATH = RESULTS / "transformers_coverage.csv"
 MD_PATH = RESULTS / "transformers_coverage.md"
 FIELDS = ["model_type", "cls", "task", "config", "params_m", "input", "capture", "candidates", "post_norm",
+          "mode_leaves",
           "chains", "blocks", "chain_lengths", "engine_check", "out_rel", "grad_rel", "saved_ratio",
           "status", "category", "error", "rewire_s", "seconds"]
 TOL = 1e-6
@@ -70,6 +71,8 @@ def _shrink(config, level: int) -> None:
     for sub in ("vision_config", "text_config", "backbone_config"):
         if getattr(config, sub, None) is not None and hasattr(getattr(config, sub), "to_dict"):
             _shrink(getattr(config, sub), level)
+    if getattr(config, "use_cache", None) is True:  # a KV cache is state: not trained through
+        config.use_cache = False
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int):
         config.num_hidden_layers = min(layers, 4)
@@ -241,6 +244,11 @@ def run_one(model_type, cls_name, task, out_q) -> None:
         propagate(gm, (x,))
         row["capture"] = gm.meta["revwire_capture"]
         row["candidates"], row["post_norm"] = _candidates(gm, fx)
+        from revwire.compiler.trace import reads_training_flag
+        row["mode_leaves"] = sum(  # leaves kept whole because their forward reads self.training
+            1 for n in gm.graph.nodes if n.op == "call_module"
+            and not type(gm.get_submodule(n.target)).__module__.startswith("torch.nn")
+            and reads_training_flag(type(gm.get_submodule(n.target))))
         t1 = time.time()
         rev = revwire.rewire(model, x, strict=False)
         row["rewire_s"] = f"{time.time() - t1:.2f}"
@@ -293,6 +301,8 @@ def _category(row) -> str:
         cand, post = int(row["candidates"] or 0), int(row["post_norm"] or 0)
         if cand and post * 2 >= cand:
             return "post-norm blocks LayerNorm(x + F(x)) (not x + F(x))"
+        if cand < 2 and int(row.get("mode_leaves") or 0):
+            return "residual blocks inside modules kept whole (their forward reads self.training)"
         if cand < 2:
             return "no residual chain in the architecture"
         return "no chain although >= 2 residual-looking adds"

@@ -99,6 +99,8 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     propagate(gm, inputs.call_args)
     found = match(gm, min_blocks=opts.min_blocks, post_activation=opts.post_activation)
     report = rewrite(gm, found, opts, type(model).__name__)
+    report.capture = gm.meta.get("revwire_capture", "symbolic")
+    report.decisions = list(dict.fromkeys(gm.meta.get("revwire_decisions", [])))
     if not report.chains:
         reasons = "; ".join(sorted({s.reason for s in report.skipped})[:4]) or "no residual add found"
         message = (f"no chain of >= {opts.min_blocks} same-shape residual blocks found in "

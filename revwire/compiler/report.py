@@ -30,6 +30,8 @@ class Report:
     model: str
     chains: List[ChainInfo] = field(default_factory=list)
     skipped: List[SkippedInfo] = field(default_factory=list)
+    capture: str = "symbolic"  # the front end that captured the model: "symbolic" or "concrete"
+    decisions: List[str] = field(default_factory=list)  # concrete capture: where Python read a size
 
     @property
     def num_blocks(self) -> int:
@@ -52,6 +54,10 @@ class Report:
                 lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
                 if k == 0:
                     lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.capture == "concrete":
+            lines.append("captured with the example inputs' shapes (Python control flow read them"
+                         + (f"; sizes checked on every call: {'; '.join(self.decisions[:2])}"
+                            + (" ..." if len(self.decisions) > 2 else "") if self.decisions else "") + ")")
         if self.skipped:
             lines.append(f"not converted ({len(self.skipped)}):")
             for s in self.skipped:

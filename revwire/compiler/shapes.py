@@ -21,7 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.immutable_collections import immutable_list
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import InputError
 
@@ -78,7 +78,7 @@ def _mutable(value):
     if isinstance(value, (list, tuple)) and (type(value) in (list, tuple) or isinstance(value, immutable_list)):
         items = [_mutable(v) for v in value]
         return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
+    if type(value) is dict or isinstance(value, immutable_dict):  # not ModelOutput (an OrderedDict)
         return {k: _mutable(v) for k, v in value.items()}
     return value
 

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.fx.immutable_collections import immutable_list
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import TraceError
 
@@ -71,7 +71,9 @@ def _source_reads_training(code: str) -> bool:
     for line in code.splitlines():
         line = line.split("#", 1)[0]
         # `child.train(self.training)` only forwards the flag; it changes no computation.
-        if "self.training" in line and ".train(self.training)" not in line:
+        # transformers' `if self.gradient_checkpointing and self.training:` is off unless
+        # gradient checkpointing is on, which `trace` refuses.
+        if "self.training" in line and ".train(self.training)" not in line and "gradient_checkpointing" not in line:
             return True
     return False
 
@@ -208,7 +210,7 @@ def _values(a):
     if isinstance(a, (list, tuple)) and (type(a) in (list, tuple) or isinstance(a, immutable_list)):
         items = [_values(x) for x in a]
         return items if isinstance(a, list) else tuple(items)
-    if isinstance(a, dict):
+    if type(a) is dict or isinstance(a, immutable_dict):  # not ModelOutput (an OrderedDict)
         return {k: _values(v) for k, v in a.items()}
     if isinstance(a, slice):
         return slice(_values(a.start), _values(a.stop), _values(a.step))
@@ -337,8 +339,16 @@ class RewireTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # a module made inside a forward (`nn.Softmax(dim=-1)(x)`, ImageGPT): with no state
+            # of its own it is just its forward's code, traced through
+            if next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None:
+                return forward(*args, **kwargs)
+            raise
         # On failure the stack is left as it is: its top says where.
-        self.path_stack.append(self.path_of_module(m))
+        self.path_stack.append(path)
         result = super().call_module(m, forward, args, kwargs)
         self.path_stack.pop()
         return result
@@ -614,6 +624,12 @@ def trace(model: nn.Module, inputs, *, leaf_modules: Sequence[type] = (),
     else:
         root_inputs, n_inputs = inputs, len(inputs.values)
         modes = {"auto": ["symbolic", "concrete"], "symbolic": ["symbolic"], "concrete": ["concrete"]}[capture]
+    checkpointed = [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if checkpointed:
+        raise TraceError(
+            f"'{checkpointed[0] or '<model>'}' has gradient checkpointing on (transformers' "
+            f"gradient_checkpointing_enable()): turn it off before rewiring "
+            f"(model.gradient_checkpointing_disable()); the reversible stages replace it")
     plain = root_inputs is None or _plain_call(model, root_inputs)
     failures = []
     before = {m: dict(vars(m)) for m in model.modules()}
@@ -722,6 +738,9 @@ def _trace_error(model: nn.Module, failures) -> TraceError:
         advice = ("the failing code is in the model's own forward: pass autowrap_functions=[f] for a "
                   "function it calls that cannot be traced, or rewire a submodule (e.g. the backbone) "
                   "instead of the whole model")
+    if any("Cache" in str(e) for _, _, e in failures):
+        advice = ("a key/value cache is state, not a graph: pass use_cache=False (e.g. example_inputs="
+                  "{'input_ids': ids, 'use_cache': False}, or config.use_cache = False); otherwise, " + advice)
     return TraceError(f"could not capture {type(model).__name__}: " + "; ".join(parts) + f". {advice}.")
 
 

@@ -28,6 +28,15 @@ def test_hf_vit_returns_its_model_output():
         rev(torch.randn(2, 3, 40, 40, dtype=torch.float64))  # the forward decided on H, W
 
 
+def test_hf_gradient_checkpointing_is_refused():
+    model = T.ViTModel(_vit_cfg(T.ViTConfig, image_size=32, patch_size=8))
+    model.gradient_checkpointing_enable()
+    with pytest.raises(revwire.TraceError, match="gradient_checkpointing_disable"):
+        revwire.rewire(model, torch.randn(1, 3, 32, 32))
+    model.gradient_checkpointing_disable()
+    assert revwire.report(revwire.rewire(model, torch.randn(1, 3, 32, 32))).num_blocks == 6
+
+
 def test_hf_videomae_with_dropout():
     """Hidden and attention dropout in train mode: the recompute must replay the same masks."""
     model = T.VideoMAEModel(_vit_cfg(T.VideoMAEConfig, image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
@@ -60,6 +69,13 @@ def test_hf_decoder_only_language_model():
     model = T.GPT2Model(T.GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=50, n_positions=16,
                                      use_cache=False, bos_token_id=0, eos_token_id=0))
     check_rewire(model, (torch.randint(0, 50, (2, 8)),), blocks=[6])
+
+
+def test_hf_kv_cache_error_says_use_cache_false():
+    model = T.GPT2Model(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0))
+    with pytest.raises(revwire.TraceError, match="use_cache=False"):
+        revwire.rewire(model, torch.randint(0, 50, (2, 8)))
 
 
 def test_hf_llama_with_keyword_inputs():
