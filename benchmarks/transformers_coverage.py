@@ -49,6 +49,26 @@ TOL = 1e-6
 MAX_PARAMS_M = 100.0
 MEM_LIMIT = 10 * 2**30
 SKIP = {"shieldgemma2": "a vision-language model (Gemma 3 inside): not a vision backbone"}
+# why the rest are not rewired, as measured here (see the per-model rows)
+NOTES = {
+    "dinat": "needs the `natten` package (neighbourhood-attention kernels), which is not installed here: "
+             "transformers raises ImportError when building it",
+    "perceiver": "272M parameters even shrunk: Perceiver's widths are `d_latents` / `d_model`, which the "
+                 "shrinking does not know; over the 100M limit",
+    "siglip2": "takes pre-patchified pixels with `pixel_attention_mask` and `spatial_shapes`; the script "
+               "gives every model an image tensor",
+    "levit": "LeViT's residual layer draws its stochastic depth inline (`if self.training and self.drop_rate "
+             "> 0: rnd = torch.rand(...)`), so the leaf rule keeps each block whole (correctly: traced, the "
+             "mode would be frozen); no residual add is left outside",
+    "timm_wrapper": "the wrapped timm ResNet's forward reads `self.training` (F.dropout in forward_head), so "
+                    "it is a leaf; `not_leaf=[type(model.timm_model)]` rewires it (2 3 5 2, checked by hand)",
+    "timesformer": "divided space-time attention adds its temporal residual to a slice of the tokens "
+                   "(`hidden_states[:, 1:, :] + residual`) and the spatial one after a `torch.cat` with the "
+                   "class token: not x + F(x) on one stream",
+    "mobilenet_v1": "no residual connections", "pp_lcnet": "no residual connections",
+    "textnet": "RepVGG-style parallel branches (conv + vertical conv + horizontal conv + BatchNorm(x)): no "
+               "identity skip, so no x + F(x)",
+}
 
 
 def model_types():
@@ -391,6 +411,10 @@ def summarize(total=None):
         lines.append(f"| {r['model_type']} | {r['cls']} | {r['config']} | {r['input']} | {r['capture']} | "
                      f"{r['chain_lengths'] or r['chains']} | {check} | {r['saved_ratio']} | {r['rewire_s']} | "
                      f"{result.replace('|', '/')} |")
+    notes = [(mt, text) for mt, text in NOTES.items() if any(r["model_type"] == mt and r["status"] != "ok" for r in rows)]
+    if notes:
+        lines += ["", "## Why the rest are not rewired", ""]
+        lines += [f"- **{mt}**: {text}" for mt, text in notes]
     MD_PATH.write_text("\n".join(lines) + "\n")
     return "\n".join(lines[:22])
 

@@ -54,10 +54,11 @@ class Report:
                 lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
                 if k == 0:
                     lines.append("  " + "  ".join("-" * w for w in widths))
-        if self.capture == "concrete":
-            lines.append("captured with the example inputs' shapes (Python control flow read them"
-                         + (f"; sizes checked on every call: {'; '.join(self.decisions[:2])}"
-                            + (" ..." if len(self.decisions) > 2 else "") if self.decisions else "") + ")")
+        if self.capture == "concrete" and self.decisions:
+            lines.append("captured with the example inputs' values; Python decided on sizes, checked on every "
+                         f"call: {'; '.join(self.decisions[:2])}" + (" ..." if len(self.decisions) > 2 else ""))
+        elif self.capture == "concrete":
+            lines.append("captured with the example inputs' values (no decision on sizes: any input size)")
         if self.skipped:
             lines.append(f"not converted ({len(self.skipped)}):")
             for s in self.skipped:

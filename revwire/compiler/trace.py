@@ -270,25 +270,25 @@ def _dims_of(kind: str, target, args, kwargs):
     return frozenset(union) if known else None
 
 
-def _user_line(skip_files=()) -> str:
+_SKIP_DIRS = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # torch's own code
+              os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)  # revwire's
+
+
+def _frame_text(frames) -> str:
     """`file.py:123 (code)` of the innermost frame outside torch and revwire."""
-    for frame in reversed(traceback.extract_stack()[:-1]):
-        f = frame.filename.replace("\\", "/")
-        if "/torch/" in f or "/revwire/" in f or f in skip_files:
+    for frame in reversed(frames):
+        if os.path.abspath(frame.filename).startswith(_SKIP_DIRS):
             continue
-        return f"{os.path.basename(f)}:{frame.lineno} ({(frame.line or '').strip()[:80]})"
-    return "?"
+        return f"{os.path.basename(frame.filename)}:{frame.lineno} ({(frame.line or '').strip()[:80]})"
+    return ""
+
+
+def _user_line() -> str:
+    return _frame_text(traceback.extract_stack()[:-1]) or "?"
 
 
 def _tb_line(e: BaseException) -> str:
-    """`file.py:123 (code)` of the innermost traceback frame outside torch and revwire."""
-    frames = traceback.extract_tb(e.__traceback__)
-    for frame in reversed(frames):
-        f = frame.filename.replace("\\", "/")
-        if "/torch/" in f or "/revwire/" in f:
-            continue
-        return f"{os.path.basename(f)}:{frame.lineno} ({(frame.line or '').strip()[:80]})"
-    return ""
+    return _frame_text(traceback.extract_tb(e.__traceback__))
 
 
 @dataclass(frozen=True)
