@@ -301,7 +301,7 @@ def run_one(model_type, cls_name, task, out_q) -> None:
     except Exception as e:
         msg = f"{type(e).__name__}: {str(e)}".replace("\n", " ")
         row["error"] = msg[:600]
-        row["status"] = "trace failed" if "could not capture" in msg else "error"
+        row["status"] = "trace failed" if ("could not trace" in msg or "could not capture" in msg) else "error"
         if os.environ.get("REVWIRE_COVERAGE_DEBUG"):
             traceback.print_exc()
     row["category"] = _category(row)

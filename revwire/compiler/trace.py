@@ -735,13 +735,14 @@ def _trace_error(model: nn.Module, failures) -> TraceError:
         advice = (f"Pass leaf_modules=[{cls}] (or autowrap_functions=[...] for a function) to keep "
                   f"it out of the trace")
     else:
-        advice = ("the failing code is in the model's own forward: pass autowrap_functions=[f] for a "
-                  "function it calls that cannot be traced, or rewire a submodule (e.g. the backbone) "
-                  "instead of the whole model")
+        advice = ("the failing code is in the model's own forward, which is always traced: pass "
+                  "autowrap_functions=[f] for a function it calls that cannot be traced, move the code that "
+                  "decides on tensor values into a module of its own and pass leaf_modules=[ThatModule], or "
+                  "rewire a submodule (e.g. the backbone) instead of the whole model")
     if any("Cache" in str(e) for _, _, e in failures):
         advice = ("a key/value cache is state, not a graph: pass use_cache=False (e.g. example_inputs="
                   "{'input_ids': ids, 'use_cache': False}, or config.use_cache = False); otherwise, " + advice)
-    return TraceError(f"could not capture {type(model).__name__}: " + "; ".join(parts) + f". {advice}.")
+    return TraceError(f"could not trace {type(model).__name__}: " + "; ".join(parts) + f". {advice}.")
 
 
 @fx.wrap

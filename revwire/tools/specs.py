@@ -136,7 +136,7 @@ def _torchvision_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> n
 def _module_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
     if pretrained:
         raise SpecError(
-            f"--pretrained works for timm:, torchvision: and pytorchvideo: specs only; load the weights of "
+            f"--pretrained works for timm: and torchvision: specs only; load the weights of "
             f"module:{name} with --checkpoint PATH"
         )
     factory = resolve_name(name)

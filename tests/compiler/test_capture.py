@@ -176,7 +176,7 @@ def test_root_forward_failure_names_no_placeholder_class():
     with pytest.raises(revwire.TraceError) as e:
         revwire.rewire(Net(), torch.randn(2, 4))
     msg = str(e.value)
-    assert "'<model forward>'" in msg and "TheModuleClass" not in msg and "leaf_modules=[" not in msg
+    assert "'<model forward>'" in msg and "TheModuleClass" not in msg and "leaf_modules=[ThatModule]" in msg
 
 
 class TwoPathway(nn.Module):
