@@ -14,7 +14,7 @@ from .compiler.report import Report
 from .compiler.rewrite import rewrite
 from .compiler.segments import checkpoint_segments
 from .compiler.shapes import propagate
-from .compiler.trace import trace
+from .compiler.trace import RootInputs, bind_inputs, trace
 from .errors import InputError, NoChainError, RewireError
 from .options import RewireOptions
 from .runtime.recompute import segments
@@ -23,26 +23,33 @@ from .runtime.stage import stages
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
 
-def _example_inputs(model: nn.Module, example_inputs) -> tuple:
+def _example_inputs(model: nn.Module, example_inputs) -> RootInputs:
+    """The example inputs, bound to the forward's parameters.
+
+    A tensor; a tuple (or list) of the forward's positional inputs, each a tensor or a
+    list / tuple / dict of tensors; or a dict of keyword inputs (constants allowed).
+    """
     if example_inputs is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
         if not size:
             raise InputError(
                 f"example_inputs are needed to rewire {type(model).__name__}: pass "
-                f"revwire.rewire(model, torch.randn(1, C, H, W)) (or a tuple of the forward's tensors)"
+                f"revwire.rewire(model, torch.randn(1, C, H, W)) (or a tuple of the forward's inputs, "
+                f"or a dict of keyword inputs)"
             )
         p = next(iter(model.parameters()), None)
-        return (torch.randn(1, *size, device=p.device if p is not None else "cpu",
-                            dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32),)
+        example_inputs = torch.randn(1, *size, device=p.device if p is not None else "cpu",
+                                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-            isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
+        return bind_inputs(model, (example_inputs,))
+    if isinstance(example_inputs, dict) and example_inputs and all(isinstance(k, str) for k in example_inputs):
+        return bind_inputs(model, (), example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return bind_inputs(model, tuple(example_inputs))
     raise InputError(
-        f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-        f"{type(example_inputs).__name__}"
+        f"example_inputs must be a tensor, a non-empty tuple of the forward's inputs (tensors, or "
+        f"lists of tensors) or a dict of keyword inputs, got {type(example_inputs).__name__}"
     )
 
 
@@ -62,8 +69,8 @@ def _input_rank(model: nn.Module) -> Optional[int]:
 
 def _check_rank(model: nn.Module, inputs: tuple) -> None:
     """An `InputError` saying the rank the model takes, when the first input has another."""
-    rank, x = _input_rank(model), inputs[0]
-    if rank is not None and x.dim() != rank:
+    rank, x = _input_rank(model), inputs[0] if inputs else None
+    if rank is not None and isinstance(x, torch.Tensor) and x.dim() != rank:
         layout = _LAYOUTS.get(rank, f"with {rank} dimensions")
         raise InputError(
             f"{type(model).__name__} takes {rank}-D inputs {layout}, but the example input has shape "
@@ -75,6 +82,17 @@ def _compiled_module(model: nn.Module) -> Optional[nn.Module]:
     """The module inside `torch.compile(module)` (an OptimizedModule), else None."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile loaded it (slow to import)
     return model._orig_mod if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) else None
+
+
+def _input_shapes(inputs: RootInputs) -> list:
+    """[B, C, H, W] per positional input; a list of such for a list input."""
+    def shape(v):
+        if isinstance(v, torch.Tensor):
+            return list(v.shape)
+        if isinstance(v, dict):
+            return {k: shape(x) for k, x in v.items()}
+        return [shape(x) for x in v]
+    return [shape(v) for v in inputs.values]
 
 
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -99,10 +117,12 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     Every chain of at least `min_blocks` same-shape residual blocks runs as one
     `ReversibleStage`. The result is a `torch.fx.GraphModule` with the same call
     signature; its parameters are `model`'s own objects and its `state_dict()` keys
-    equal `model`'s. Options (`min_blocks`, `post_activation`, `leaf_modules`,
-    `autowrap_functions`, `strict`, `stream_dtype`, `engine`, `check_finite`,
-    `checkpoint_rest`) are the fields of `revwire.RewireOptions`: pass them as keywords,
-    or as `options=`.
+    equal `model`'s. `example_inputs`: a tensor, a tuple of the forward's positional
+    inputs (each a tensor or a list / tuple / dict of tensors: `([slow, fast],)`), or a
+    dict of keyword inputs. Options (`min_blocks`, `post_activation`, `leaf_modules`,
+    `not_leaf`, `autowrap_functions`, `capture`, `strict`, `stream_dtype`, `engine`,
+    `check_finite`, `checkpoint_rest`) are the fields of `revwire.RewireOptions`: pass them
+    as keywords, or as `options=`.
     See `revwire.report(result)` for what was converted. A `torch.compile`d model is
     rewired through the module it compiles (`_orig_mod`), with a warning: compile the
     result again.
@@ -112,15 +132,18 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     given, model = model, _compiled_module(model) or model
     opts = RewireOptions.from_kwargs(options, **option_values)
     inputs = _example_inputs(model, example_inputs)
-    gm = trace(model, len(inputs), leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions)
+    gm = trace(model, inputs, leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
+               not_leaf=opts.not_leaf, capture=opts.capture)
     try:
-        propagate(gm, inputs)
+        propagate(gm, inputs.call_args)
     except InputError:
-        _check_rank(model, inputs)
+        _check_rank(model, inputs.call_args)
         raise
     unbind_unpacked_tensors(gm)
     found = match(gm, min_blocks=opts.min_blocks, post_activation=opts.post_activation)
     report = rewrite(gm, found, opts, type(model).__name__)
+    report.capture = gm.meta.get("revwire_capture", "symbolic")
+    report.decisions = list(dict.fromkeys(gm.meta.get("revwire_decisions", [])))
     if not report.chains:
         reasons = "; ".join(sorted({s.reason for s in report.skipped})[:4]) or "no residual add found"
         message = (f"no chain of >= {opts.min_blocks} same-shape residual blocks found in "
@@ -140,7 +163,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     _copy_plain_attributes(model, gm)
     _check_same_parameters(model, gm)
     _preserve(gm, revwire_report=report, revwire_options=opts,
-              revwire_input_shapes=[list(t.shape) for t in inputs])
+              revwire_input_shapes=_input_shapes(inputs))
     if given is not model:
         warnings.warn(f"rewire got torch.compile({type(model).__name__}) and rewired the module it compiles "
                       f"(its _orig_mod); the result runs eagerly: compile it with torch.compile(rewired)",

@@ -22,6 +22,7 @@ from .errors import OptionError, SpecError
 
 ENGINES = ("reversible", "autograd")
 POST_ACTIVATIONS = ("branch", "skip")
+CAPTURES = ("auto", "symbolic", "concrete")
 STREAM_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
@@ -42,8 +43,15 @@ class RewireOptions:
         flag="--post-activation", choices=POST_ACTIVATIONS)
     leaf_modules: Tuple[type, ...] = _option(
         (), "module classes traced as leaves (not traced into)", "code", flag="--leaf-module")
+    not_leaf: Tuple[type, ...] = _option(
+        (), "module classes traced into even though the leaf rule (a forward that reads "
+            "self.training, timm's no-trace list) would keep them whole", "code", flag="--not-leaf")
     autowrap_functions: Tuple[Callable, ...] = _option(
         (), "functions not traced into (called as they are)", "code", flag="--autowrap")
+    capture: str = _option(
+        "auto", "front end: 'symbolic' (torch.fx), 'concrete' (Python control flow on shapes and "
+                "dtypes read from the example inputs), 'auto' (symbolic, else concrete)", "choice",
+        flag="--capture", choices=CAPTURES)
     strict: bool = _option(True, "raise NoChainError when nothing can be rewired (else warn, "
                                  "return the model)", "bool")
     stream_dtype: Optional[torch.dtype] = _option(

@@ -17,11 +17,12 @@ _OTHER = {"int": lambda d, f: d + 1,
 
 
 def non_default_options(**code) -> RewireOptions:
-    """Every field set to a value other than its default (`code`: the classes/functions fields)."""
+    """Every field set to a value other than its default (`code`: values of the classes /
+    functions fields; others hold nn.Identity)."""
     values = {}
     for f in dataclasses.fields(RewireOptions):
         kind = f.metadata["kind"]
-        values[f.name] = code[f.name] if kind == "code" else _OTHER[kind](f.default, f)
+        values[f.name] = code.get(f.name, (nn.Identity,)) if kind == "code" else _OTHER[kind](f.default, f)
     options = RewireOptions(**values)
     assert all(getattr(options, f.name) != f.default for f in dataclasses.fields(options))
     return options

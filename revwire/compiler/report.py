@@ -39,6 +39,8 @@ class Report:
     chains: List[ChainInfo] = field(default_factory=list)
     skipped: List[SkippedInfo] = field(default_factory=list)
     segments: List[SegmentInfo] = field(default_factory=list)  # checkpointed (checkpoint_rest)
+    capture: str = "symbolic"  # the front end that captured the model: "symbolic" or "concrete"
+    decisions: List[str] = field(default_factory=list)  # concrete capture: where Python read a size
 
     @property
     def num_blocks(self) -> int:
@@ -64,6 +66,11 @@ class Report:
         if self.segments:
             lines.append(f"checkpointed outside the stages ({len(self.segments)}): "
                          + ", ".join(f"{s.name} [{s.scope}]" for s in self.segments))
+        if self.capture == "concrete" and self.decisions:
+            lines.append("captured with the example inputs' values; Python decided on sizes, checked on every "
+                         f"call: {'; '.join(self.decisions[:2])}" + (" ..." if len(self.decisions) > 2 else ""))
+        elif self.capture == "concrete":
+            lines.append("captured with the example inputs' values (no decision on sizes: any input size)")
         if self.skipped:
             lines.append(f"not converted ({len(self.skipped)}):")
             for s in self.skipped:

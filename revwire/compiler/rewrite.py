@@ -251,6 +251,8 @@ def _erase(graph: fx.Graph, owned: Set[fx.Node]) -> None:
 
 
 def _erase_pure_tree(graph: fx.Graph, node: fx.Node) -> None:
+    if node._erased:  # reached twice (shape arithmetic that reads two of the chain's values)
+        return
     for user in list(node.users):
         _erase_pure_tree(graph, user)
     if not (info(node).is_metadata or is_dead_pure(node)):

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import InputError
 
@@ -77,10 +79,12 @@ def metadata_source(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _mutable(value):
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    # plain lists and tuples (and fx's immutable lists) only: not named tuples, nor torch's
+    # structseqs (`x.max(dim)` returns one whose `.values` a later node reads)
+    if isinstance(value, (list, tuple)) and (type(value) in (list, tuple) or isinstance(value, immutable_list)):
         items = [_mutable(v) for v in value]
         return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
+    if type(value) is dict or isinstance(value, immutable_dict):  # not ModelOutput (an OrderedDict)
         return {k: _mutable(v) for k, v in value.items()}
     return value
 
@@ -105,7 +109,8 @@ def _propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) 
     """Propagate with FakeTensors; False if some node needs real data."""
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+            fake = pytree.tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                                   list(example_inputs))
             _Recorder(gm).run(*fake)
         return True
     except Exception:  # data-dependent code, an op without a fake kernel, ...
@@ -130,14 +135,16 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Non
     """Describe every node of `gm.graph` (see `NodeInfo`); the model's state (BN stats,
     RNG, mode) is untouched."""
     modes = {m: m.training for m in gm.modules()}
-    devices = [example_inputs[0].device] if example_inputs and example_inputs[0].is_cuda else []
+    leaves = [t for t in pytree.tree_leaves(list(example_inputs)) if isinstance(t, torch.Tensor)]
+    devices = [leaves[0].device] if leaves and leaves[0].is_cuda else []
     try:
         gm.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             if not _propagate_fake(gm, example_inputs):
                 _Recorder(gm).run(*example_inputs)
     except Exception as e:
-        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]
+        shapes = pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__,
+                                 list(example_inputs))
         raise InputError(
             f"running {type(gm).__name__} on example_inputs of shapes {shapes} failed: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass example_inputs "

@@ -40,7 +40,7 @@ from ..api import rewire
 from ..errors import CheckpointError, InputError, OutputError, RewireError, SpecError
 from ..options import ENGINES, STREAM_DTYPES, RewireOptions
 from ..runtime.stage import set_engine, stages
-from .specs import build_model, make_input, parse_spec, record_spec, spec_of
+from .specs import build_model, make_inputs, parse_spec, record_spec, spec_of
 
 FORMAT = "revwire"
 FORMAT_VERSION = 1
@@ -478,24 +478,38 @@ def _shown(value: Any) -> str:
 
 
 def _check_input_shapes(shapes: Any, path: str) -> None:
-    """1 to `MAX_INPUT_RANK` positive ints per shape, at most `MAX_INPUT_ELEMENTS` elements
-    in all: `load` allocates these inputs."""
+    """Each input is a shape (1 to `MAX_INPUT_RANK` positive ints), or a list / dict of
+    shapes (a list input such as SlowFast's `[slow, fast]`); at most `MAX_INPUT_ELEMENTS`
+    elements in all: `load` allocates these inputs."""
     if not isinstance(shapes, (list, tuple)) or not shapes:
         raise _field_error(path, "input_shapes", f"must be a non-empty list of shapes, got {_shown(shapes)}")
     total = 0
+
+    def check(shape, field, nested):
+        nonlocal total
+        if isinstance(shape, (list, tuple)) and shape and not any(isinstance(n, (list, tuple, Mapping))
+                                                                  for n in shape):
+            if not (len(shape) <= MAX_INPUT_RANK and all(_is_int(n) and n >= 1 for n in shape)):
+                raise _field_error(path, field, f"must be a list of 1 to {MAX_INPUT_RANK} positive "
+                                                f"integers, got {_shown(shape)}")
+            n = math.prod(shape)
+            total += n
+            if total > MAX_INPUT_ELEMENTS:
+                before = f" ({total:,} with the inputs before it)" if total > n else ""
+                raise _field_error(path, field, f"asks for {n:,} elements{before}; at most "
+                                                f"{MAX_INPUT_ELEMENTS:,} in all are allowed (load allocates "
+                                                f"them): the file is corrupt or was tampered with")
+            return
+        items = (shape.items() if isinstance(shape, Mapping) else enumerate(shape)
+                 if isinstance(shape, (list, tuple)) and shape else None)
+        if items is None or not nested:
+            raise _field_error(path, field, f"must be a list of 1 to {MAX_INPUT_RANK} positive integers "
+                                            f"(or a list of such for a list input), got {_shown(shape)}")
+        for k, sub in items:
+            check(sub, f"{field}[{k!r}]" if isinstance(k, str) else f"{field}[{k}]", nested=False)
+
     for i, shape in enumerate(shapes):
-        field = f"input_shapes[{i}]"
-        if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= MAX_INPUT_RANK
-                and all(_is_int(n) and n >= 1 for n in shape)):
-            raise _field_error(path, field, f"must be a list of 1 to {MAX_INPUT_RANK} positive integers, "
-                                            f"got {_shown(shape)}")
-        n = math.prod(shape)
-        total += n
-        if total > MAX_INPUT_ELEMENTS:
-            before = f" ({total:,} with the inputs before it)" if i else ""
-            raise _field_error(path, field, f"asks for {n:,} elements{before}; at most "
-                                            f"{MAX_INPUT_ELEMENTS:,} in all are allowed (load allocates "
-                                            f"them): the file is corrupt or was tampered with")
+        check(shape, f"input_shapes[{i}]", nested=True)
 
 
 def _check_rewire_options(options: Any, path: str) -> None:
@@ -618,8 +632,8 @@ def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, t
     dtype = getattr(torch, data.get("dtype") or "float32")
     if dtype != torch.float32:
         model = model.to(dtype)
-    gen_inputs = tuple(make_input(shape[1:], shape[0], seed=0, dtype=dtype) for shape in data["input_shapes"])
-    example = gen_inputs[0] if len(gen_inputs) == 1 else gen_inputs
+    gen_inputs = make_inputs(data["input_shapes"], seed=0, dtype=dtype)
+    example = gen_inputs  # a tuple of the positional inputs (one may be a list: [slow, fast])
     state_dict = data["state_dict"]
     check_state_dict(model, state_dict, source=f"revwire file {path}", target=data["spec"])
     options = _options_in(data, path)

@@ -1,4 +1,5 @@
-"""Model specs: `timm:NAME`, `torchvision:NAME`, `module:package.module:factory`.
+"""Model specs: `timm:NAME`, `torchvision:NAME`, `transformers:ClassName` (or
+`transformers:/local/dir`), `pytorchvideo:NAME`, `module:package.module:factory`.
 
 A spec names a model architecture. `build_model` turns it (plus constructor keyword
 arguments) into an `nn.Module` with random weights, records the spec on the module
@@ -19,7 +20,9 @@ from torch import nn
 from ..errors import InputError, SpecError
 from ..options import did_you_mean, resolve_name
 
-KINDS = ("timm", "torchvision", "module")
+KINDS = ("timm", "torchvision", "transformers", "pytorchvideo", "module")
+_SPEC_FORMS = ("timm:NAME, torchvision:NAME, transformers:ClassName (or transformers:/local/dir), "
+               "pytorchvideo:NAME or module:package.module:factory")
 SPEC_ATTR = "revwire_spec"
 
 
@@ -30,18 +33,12 @@ SPEC_ATTR = "revwire_spec"
 def parse_spec(spec: str) -> Tuple[str, str]:
     """Split a spec into (kind, name); raise SpecError on a malformed one."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise SpecError(
-            f"invalid model spec {spec!r}: write timm:NAME, torchvision:NAME or "
-            f"module:package.module:factory"
-        )
+        raise SpecError(f"invalid model spec {spec!r}: write {_SPEC_FORMS}")
     kind, name = spec.split(":", 1)
     kind = kind.strip().lower()
     name = name.strip()
     if kind not in KINDS:
-        raise SpecError(
-            f"invalid model spec {spec!r}: unknown kind {kind!r}; write timm:NAME, "
-            f"torchvision:NAME or module:package.module:factory"
-        )
+        raise SpecError(f"invalid model spec {spec!r}: unknown kind {kind!r}; write {_SPEC_FORMS}")
     if not name:
         raise SpecError(f"invalid model spec {spec!r}: the model name is empty")
     if kind == "module":
@@ -148,7 +145,78 @@ def _module_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Mod
     return factory(**kwargs)
 
 
-_BUILDERS = {"timm": _timm_model, "torchvision": _torchvision_model, "module": _module_model}
+def _import_extra(name: str, extra: str):
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise SpecError(f"{name} is not installed ({e}); install it with pip install 'revwire[{extra}]'") from None
+
+
+def _is_local_dir(name: str) -> bool:
+    import os
+    return name.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(name))
+
+
+def _transformers_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
+    """`transformers:VideoMAEModel`: the class built from its config class, `kwargs` setting
+    config fields, random weights; `transformers:/local/dir`: a saved checkpoint
+    (`save_pretrained`), loaded with `from_pretrained` from that directory only."""
+    import os
+
+    transformers = _import_extra("transformers", "hf")
+    if _is_local_dir(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise SpecError(f"transformers:{name}: no such directory (write transformers:ClassName "
+                            f"or transformers:/dir/with/config.json)")
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+        return cls.from_pretrained(path, config=config, local_files_only=True)
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and getattr(cls, "config_class", None)):
+        names = [n for n in dir(transformers) if n.endswith(("Model", "ForImageClassification",
+                                                             "ForVideoClassification", "ForCausalLM"))]
+        raise SpecError(f"unknown transformers model class {name!r}{did_you_mean(name, names)}")
+    if pretrained:
+        raise SpecError(f"transformers:{name} has no pretrained weights of its own: save a checkpoint "
+                        f"with save_pretrained and use transformers:/that/dir, or --checkpoint PATH")
+    config_cls = cls.config_class
+    try:
+        known = set(config_cls().to_dict())
+    except Exception:  # a config that needs arguments: let it check them itself
+        known = None
+    unknown = sorted(set(kwargs) - known) if known is not None else []
+    if unknown:  # transformers configs keep unknown keywords silently: a typo would be ignored
+        raise SpecError(f"{config_cls.__name__} has no field {unknown[0]!r}"
+                        f"{did_you_mean(unknown[0], sorted(known))} (--model-kwargs set config fields)")
+    try:
+        config = config_cls(**kwargs)
+    except Exception as e:
+        raise SpecError(f"cannot make {config_cls.__name__} with {kwargs}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return cls(config)
+
+
+def _pytorchvideo_names() -> Sequence[str]:
+    _import_extra("pytorchvideo", "video")
+    import pytorchvideo.models.hub as hub
+
+    return sorted(n for n in dir(hub) if not n.startswith("_") and callable(getattr(hub, n))
+                  and not isinstance(getattr(hub, n), type) and n not in ("utils",))
+
+
+def _pytorchvideo_model(name: str, kwargs: Dict[str, Any], pretrained: bool) -> nn.Module:
+    names = _pytorchvideo_names()
+    if name not in names:
+        raise SpecError(f"unknown pytorchvideo model {name!r}{did_you_mean(name, names)}")
+    import pytorchvideo.models.hub as hub
+
+    return getattr(hub, name)(pretrained=pretrained, **kwargs)
+
+
+_BUILDERS = {"timm": _timm_model, "torchvision": _torchvision_model, "transformers": _transformers_model,
+             "pytorchvideo": _pytorchvideo_model, "module": _module_model}
 
 
 def build_model(spec: str, model_kwargs: Optional[Mapping[str, Any]] = None, *, pretrained: bool = False) -> nn.Module:
@@ -230,6 +298,10 @@ def default_input_size(model: nn.Module, spec: Optional[str] = None,
     kind, name = parse_spec(spec) if spec else (None, None)
     if kind == "torchvision":
         size = list(_torchvision_input_size(name))
+    elif kind == "transformers":
+        return _transformers_input_size(model, spec)
+    elif kind == "pytorchvideo":
+        return _pytorchvideo_input_size(name, kwargs)
     else:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         size = list(cfg["input_size"]) if isinstance(cfg, Mapping) and cfg.get("input_size") else None
@@ -247,6 +319,47 @@ def default_input_size(model: nn.Module, spec: Optional[str] = None,
     if isinstance(chans, int):
         size[0] = chans
     return tuple(int(s) for s in size)
+
+
+def _transformers_input_size(model: nn.Module, spec: str) -> Tuple[int, ...]:
+    """(C, H, W) of a vision model's `pixel_values`; (T, C, H, W) for a video model (VideoMAE,
+    ViViT, TimeSformer take frames before channels), from its config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    if size is None:
+        raise InputError(f"the input size of {spec} is not known (its config has no image_size): "
+                         f"pass --input-size C,H,W (or T,C,H,W for video); text models take token ids, "
+                         f"which the CLI does not make: use revwire.rewire(model, (input_ids,))")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    c = int(getattr(config, "num_channels", 3))
+    frames = getattr(config, "num_frames", None)
+    return (int(frames), c, int(h), int(w)) if frames else (c, int(h), int(w))
+
+
+_PYTORCHVIDEO_SIZES = {  # (frames, crop) of the hub's models, as their model cards give them
+    "slow_r50": (8, 224), "slow_r50_detection": (4, 224), "c2d_r50": (8, 224), "i3d_r50": (8, 224),
+    "r2plus1d_r50": (16, 224), "csn_r101": (32, 224), "x3d_xs": (4, 160), "x3d_s": (13, 160),
+    "x3d_m": (16, 224), "x3d_l": (16, 312), "mvit_base_16": (1, 224), "mvit_base_16x4": (16, 224),
+    "mvit_base_32x3": (32, 224), "efficient_x3d_xs": (4, 160), "efficient_x3d_s": (13, 160),
+    "slowfast_r50": (32, 224), "slowfast_r101": (32, 224), "slowfast_16x8_r101_50_50": (64, 224),
+    "slowfast_r50_detection": (32, 224),
+}
+
+
+def _pytorchvideo_input_size(name: str, kwargs: Mapping[str, Any]) -> Tuple[int, ...]:
+    frames, crop = _PYTORCHVIDEO_SIZES.get(name, (8, 224))
+    frames = int(kwargs.get("input_clip_length", kwargs.get("temporal_size", frames)))
+    crop = int(kwargs.get("input_crop_size", kwargs.get("spatial_size", crop)))
+    return (3, frames, crop, crop)
+
+
+def is_two_pathway(spec: Optional[str]) -> bool:
+    """A SlowFast model: its forward takes one list `[slow, fast]`."""
+    if not spec:
+        return False
+    kind, name = parse_spec(spec)
+    return kind == "pytorchvideo" and name.startswith("slowfast")
 
 
 def fit_input_size(spec: str, model_kwargs: Optional[Mapping[str, Any]],
@@ -292,11 +405,40 @@ def make_input(size: Sequence[int], batch: int = 1, *, seed: Optional[int] = 0,
 
 def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: Optional[Sequence[int]] = None,
                   batch: int = 1, model_kwargs: Optional[Mapping[str, Any]] = None, seed: Optional[int] = 0,
-                  device=None) -> torch.Tensor:
-    """A random input batch for `model`: `input_size` if given, else the model's own."""
+                  device=None, structured: bool = False) -> torch.Tensor:
+    """A random input batch for `model`: `input_size` if given, else the model's own.
+
+    A SlowFast model takes one list `[slow, fast]` (the slow pathway every alpha-th frame
+    of the fast one): with `structured=True` that list is returned; otherwise (the CLI,
+    which handles one input tensor) an InputError says to use the Python API."""
     if spec is None:
         record = spec_of(model)
         if record is not None:
             spec, model_kwargs = record["spec"], model_kwargs or record["model_kwargs"]
     size = tuple(input_size) if input_size else default_input_size(model, spec, model_kwargs)
-    return make_input(size, batch, seed=seed, device=device)
+    x = make_input(size, batch, seed=seed, device=device)
+    if is_two_pathway(spec):  # [slow, fast]: the slow pathway sees every alpha-th frame
+        if not structured:
+            raise InputError(
+                f"{spec} takes one list [slow, fast] as its input; the command line handles models "
+                f"that take one tensor: use the Python API, revwire.rewire(model, ([slow, fast],)) "
+                f"(default_input(model, '{spec}', structured=True) makes that list) and revwire.save / load")
+        stride = (model_kwargs or {}).get("slowfast_fusion_conv_stride") or (4,)
+        alpha = int(stride[0])
+        return [x[:, :, ::alpha].contiguous(), x]
+    return x
+
+
+def make_inputs(shapes: Sequence[Any], *, seed: Optional[int] = 0, dtype: torch.dtype = torch.float32,
+                device=None) -> tuple:
+    """Random example inputs of the shapes `rewire` recorded (`revwire_input_shapes`): one
+    `[B, ...]` per positional input, or a list of such for a list input (`[slow, fast]`)."""
+    def build(shape):
+        if isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) for d in shape):
+            return make_input(shape[1:], shape[0], seed=seed, dtype=dtype, device=device)
+        if isinstance(shape, Mapping):
+            return {k: build(v) for k, v in shape.items()}
+        if isinstance(shape, (list, tuple)) and shape:
+            return [build(v) for v in shape]
+        raise InputError(f"invalid recorded input shape {shape!r}")
+    return tuple(build(s) for s in shapes)
