@@ -5,6 +5,8 @@
                 `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`
                 (`revwire.tools.twins`: which modules are blocks, and why).
 - `revwire`:    `revwire.rewire(model, example)` with the reversible engine.
+- `revwire_rest`: the same with `checkpoint_rest=True` (what stays outside the reversible
+                stages is recomputed too); opt-in: `--methods ... revwire_rest`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import revwire
 from revwire.tools.twins import checkpoint_targets, with_checkpoints
 
 METHODS = ("vanilla", "checkpoint", "revwire")
+ALL_METHODS = METHODS + ("revwire_rest",)
 
 
 def prepare(model: nn.Module, example: torch.Tensor, methods: Sequence[str] = METHODS,
@@ -26,9 +29,9 @@ def prepare(model: nn.Module, example: torch.Tensor, methods: Sequence[str] = ME
     Returns ({method: module}, info) with info = {"checkpointed": n blocks, "chains": [...]}.
     All modules share `model`'s parameters.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
     training = model.training
     rev = revwire.rewire(model, example[:1])
     revwire.set_engine(rev, "reversible")
@@ -42,6 +45,11 @@ def prepare(model: nn.Module, example: torch.Tensor, methods: Sequence[str] = ME
             targets = checkpoint_targets(model, rev)
             info["checkpointed"] = len(targets)
             out[m] = with_checkpoints(model, targets)
+        elif m == "revwire_rest":
+            rest = revwire.rewire(model, example[:1], checkpoint_rest=True)
+            rest.train(training)
+            info["segments"] = len(revwire.report(rest).segments)
+            out[m] = rest
         else:
             out[m] = rev
     return out, info

@@ -68,16 +68,17 @@ def suite_table(records: Sequence[Dict], suite: str) -> str:
     if has_cuda:
         cols.append(("CUDA max_allocated MiB", "cuda_peak_bytes", _mib))
     cols.append(("step ms", "step_ms", _ms))
+    methods = [m for m in METHODS + ("revwire_rest",) if any(m in g for g in groups.values())]
     head = ["model", "input", "dtype"]
     for title, _, _ in cols:
-        head += [f"{title} {m}" for m in METHODS]
+        head += [f"{title} {m}" for m in methods]
         if title.startswith("activation"):
             head.append("activations revwire / checkpoint")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for (model, shape, dtype), rows in groups.items():
         cells = [model, shape, DTYPE_SHORT.get(dtype, dtype)]
         for title, key, fmt in cols:
-            cells += [_cell(rows, m, key, fmt) for m in METHODS]
+            cells += [_cell(rows, m, key, fmt) for m in methods]
             if title.startswith("activation"):
                 v = _rev_over_ckpt(rows)
                 cells.append("-" if v is None else f"{v:.2f}×")

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import measure, plot
-from .methods import METHODS, prepare
+from .methods import ALL_METHODS, METHODS, prepare
 from .suites import PROFILES, SUITES, Case, cases, make_batch
 
 KEYS = ("model", "method", "device", "dtype", "batch", "frames", "input", "step_peak_bytes",
@@ -208,7 +208,7 @@ def parse_args(argv=None):
                    help="keep only these sizes (batch or frame counts) of each case")
     p.add_argument("--suite", action="extend", nargs="+", choices=SUITES, help=f"suites to run (default: all of {SUITES})")
     p.add_argument("--models", nargs="+", help="only cases whose name contains one of these")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL_METHODS)
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"),
                    help="autocast off (float32) / bf16 autocast (default: both on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
