@@ -7,7 +7,7 @@ A step is forward, loss, backward and the optimiser step, on random clips (memor
 do not depend on the pixels) with a few target actions. On CUDA it reports the peak
 allocated memory of a step (after a reset) and the median step time over `--steps` steps
 after warm-up, measured with CUDA events, under bf16 autocast as in training. Everywhere it
-reports the bytes autograd saves during the forward (exact and device-independent, DESIGN.md §6):
+reports the bytes autograd saves during the forward (exact and device-independent, docs/design.md §7):
 what reversibility reduces.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ Engines for the backbone:
   checkpoint  the original network, ``torch.utils.checkpoint`` (non-reentrant) around each Swin block
   frozen      the original network without gradients: features only, the backbone does not learn
 
-A rewired network computes a different function from the original (DESIGN.md §2), so a
+A rewired network computes a different function from the original (docs/design.md §2), so a
 model trained with reversible/autograd must be evaluated with one of those two, and one
 trained with checkpoint/frozen with one of those; the state_dict keys are the same.
 """
@@ -225,7 +225,7 @@ class BackboneEngines(nn.Module):
                 if example is None:
                     raise ValueError(f"engine {engine!r} rewires the backbone and needs an example clip")
                 was_training = self.backbone.training
-                self.backbone.train()   # trace in train mode: stochastic modules stay live (DESIGN.md §4)
+                self.backbone.train()   # trace in train mode: stochastic modules stay live (docs/design.md §4)
                 self.backbone = revwire.rewire(self.backbone, (example,))
                 self.backbone.train(was_training)
             revwire.set_engine(self.backbone, engine)
