@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs import Config, DataConfig
 from datasets import crop_resize, to_clip
-from train import build_optimizer, warmup_cosine
+from train import build_optimizer, optimizer_step, warmup_cosine
 
 
 class ClipSet(Dataset):
@@ -108,12 +108,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, cfg: Config, epochs: i
                 sums["kd"] += kd.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{tag} epoch {epoch}: the loss is {float(loss)}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler, t.clip_grad)
             sums["loss"] += loss.item()
             sums["ce"] += ce.item()
             n += 1

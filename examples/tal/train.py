@@ -218,6 +218,16 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, clip_grad: float) -> None:
+    """Backward, gradient clipping (when `clip_grad` > 0), optimizer and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    optimizer.step()
+    scheduler.step()
+
+
 def train_one_epoch(model, raw: TALModel, loader, optimizer, scheduler, ema: Optional[EMA], cfg: Config,
                     device, epoch: int, show: bool) -> Dict[str, float]:
     model.train()
@@ -236,12 +246,7 @@ def train_one_epoch(model, raw: TALModel, loader, optimizer, scheduler, ema: Opt
             raise FloatingPointError(
                 f"epoch {epoch}: the loss is {loss.item()}; lower train.lr / train.backbone_lr or check the data"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.clip_grad)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, t.clip_grad)
         if ema is not None:
             ema.update(raw)
         for k in sums:
