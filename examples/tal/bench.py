@@ -5,10 +5,10 @@
 
 A step is forward, loss, backward and the optimiser step, on random clips (memory and time
 do not depend on the pixels) with a few target actions. On CUDA it reports the peak
-allocated memory of a step (after a reset) and the median step time over `--steps` steps
-after warm-up, measured with CUDA events, under bf16 autocast as in training. Everywhere it
-reports the bytes autograd saves during the forward (exact and device-independent, docs/design.md §7):
-what reversibility reduces.
+step time over `--steps` steps after warm-up, measured with CUDA events, under bf16 autocast
+as in training. Everywhere it reports the step peak of live tensor storage
+(`revwire.step_peak`, exact on a CPU, docs/design.md §7) and the part of it above what is
+alive when the step starts (parameters, AdamW state, the batch): the activation peak.
 """
 from __future__ import annotations
 
@@ -57,13 +57,12 @@ def one_engine(cfg, engine: str, frames: int, size: int, batch: int, steps: int,
 
     loss, saved = revwire.saved_tensor_bytes(forward_loss, exclude=exclude)
     del loss
-    for _ in range(2):   # warm-up (allocator, kernels)
+    for _ in range(2):   # warm-up (allocator, kernels, optimizer state)
         step()
+    metered = revwire.step_peak(step)
     times = []
-    peak = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         for _ in range(steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -71,14 +70,14 @@ def one_engine(cfg, engine: str, frames: int, size: int, batch: int, steps: int,
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end) / 1e3)
-        peak = torch.cuda.max_memory_allocated(device)
     else:
         for _ in range(steps):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
     return {"engine": engine, "frames": frames, "size": size, "batch": batch, "device": str(device),
-            "saved_bytes": saved, "peak_bytes": peak, "step_s": statistics.median(times)}
+            "saved_bytes": saved, "peak_bytes": metered.peak, "act_peak_bytes": metered.above_baseline,
+            "step_s": statistics.median(times)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -105,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row = one_engine(cfg, engine, frames, size, args.batch, args.steps, device, not args.no_amp)
         except torch.OutOfMemoryError:
             row = {"engine": engine, "frames": frames, "size": size, "batch": args.batch, "device": str(device),
-                   "saved_bytes": None, "peak_bytes": None, "step_s": None, "error": "out of memory"}
+                   "saved_bytes": None, "peak_bytes": None, "act_peak_bytes": None, "step_s": None,
+                   "error": "out of memory"}
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -113,12 +113,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(row), flush=True)
     if not args.json:
         print(f"{args.config}: {frames} frames at {size}², batch {args.batch}, {device}")
-        print("| engine | saved activations (MiB) | peak memory (MiB) | step (s) |")
-        print("| --- | ---: | ---: | ---: |")
+        print("| engine | saved by the forward (MiB) | step peak (MiB) | activation peak (MiB) | step (s) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
         for r in rows:
             mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"
             step = "-" if r["step_s"] is None else f"{r['step_s']:.3f}"
-            print(f"| {r['engine']} | {mib(r['saved_bytes'])} | {mib(r['peak_bytes'])} | {step} |"
+            print(f"| {r['engine']} | {mib(r['saved_bytes'])} | {mib(r['peak_bytes'])} | "
+                  f"{mib(r['act_peak_bytes'])} | {step} |"
                   + (f" {r['error']}" if "error" in r else ""))
     return 0
 
