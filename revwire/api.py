@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from .compiler.match import match
-from .compiler.normalize import unbind_unpacked_tensors
+from .compiler.normalize import readable_asserts, unbind_unpacked_tensors
 from .compiler.report import Report
 from .compiler.rewrite import rewrite
 from .compiler.segments import checkpoint_segments
@@ -134,6 +134,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     inputs = _example_inputs(model, example_inputs)
     gm = trace(model, inputs, leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
                not_leaf=opts.not_leaf, capture=opts.capture)
+    readable_asserts(gm)
     try:
         propagate(gm, inputs.call_args)
     except InputError:

@@ -2,14 +2,17 @@
 
 Tracing can produce a graph that computes the same values as the eager forward but
 with a costlier backward. Each pass here fixes one such idiom, on a described graph
-(`shapes.propagate` has run), and keeps every node's `NodeInfo` right.
+(`shapes.propagate` has run), and keeps every node's `NodeInfo` right, except
+`readable_asserts`, which runs before propagation so that its messages are readable there too.
 """
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 from torch import fx
+from torch.overrides import handle_torch_function, has_torch_function
 
 from .shapes import describe_derived, info
 
@@ -39,6 +42,42 @@ def unbind_unpacked_tensors(gm: fx.GraphModule) -> int:
         describe_derived(parts, node)
         for u in users:
             u.replace_input_with(node, parts)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+_PROXY = re.compile(r"Proxy\((\w+)\)")
+
+
+def assert_with_values(condition, template: str, *values) -> None:
+    """`torch._assert(condition, message)` whose message shows values known only at run time.
+    Traceable as `torch._assert` is (a GraphModule is re-traced when it is unpickled)."""
+    if has_torch_function((condition, *values)):
+        return handle_torch_function(assert_with_values, (condition, *values), condition, template, *values)
+    if not condition:
+        raise AssertionError(template.format(*values))
+
+
+def readable_asserts(gm: fx.GraphModule) -> int:
+    """A traced `assert H == self.img_size[0], f"Input height ({H}) ..."` has its message
+    formatted at trace time, with `Proxy(getitem_2)` in place of the size; make the graph
+    format it with the value the input has when the assert fails. Returns how many."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert"
+                and len(node.args) == 2 and isinstance(node.args[1], str)):
+            continue
+        message = node.args[1]
+        names = _PROXY.findall(message)
+        if not names or not all(n in by_name for n in names):
+            continue
+        template = _PROXY.sub("{}", message.replace("{", "{{").replace("}", "}}"))
+        node.target = assert_with_values
+        node.args = (node.args[0], template, *(by_name[n] for n in names))
         rewritten += 1
     if rewritten:
         gm.graph.lint()

@@ -55,3 +55,27 @@ def test_unpacking_becomes_one_unbind_with_the_same_values_and_gradients():
 def test_partial_reads_are_left_alone():
     gm, n = _normalized(Unpacks(n_read=2), torch.randn(5, 4))
     assert n == 0 and not any(node.target is torch.unbind for node in gm.graph.nodes)
+
+
+def test_assert_messages_show_the_run_time_values():
+    import io
+
+    import pytest
+    import timm
+
+    import revwire
+    from revwire.errors import InputError
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    with pytest.raises(InputError, match=r"Input height \(64\) doesn't match model \(224\)"):
+        revwire.rewire(model, torch.randn(1, 3, 64, 64))
+    rev = revwire.rewire(model, torch.randn(1, 3, 224, 224), min_blocks=1)
+    with pytest.raises(AssertionError, match=r"^Input height \(96\) doesn't match model \(224\)\.$"):
+        rev(torch.randn(1, 3, 96, 224))
+    buf = io.BytesIO()
+    torch.save(rev, buf)  # a GraphModule is re-traced when unpickled: the assert must trace
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with pytest.raises(AssertionError, match=r"Input width \(32\) doesn't match model \(224\)"):
+        loaded(torch.randn(1, 3, 224, 32))
+    assert loaded(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
