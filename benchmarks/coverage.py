@@ -105,6 +105,20 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def reaches(src, dst, order) -> bool:
+    """Whether graph node `src` is an ancestor of `dst` (`order`: node -> position)."""
+    stack, seen = [dst], set()
+    while stack:
+        n = stack.pop()
+        if n is src:
+            return True
+        if n in seen or order[n] < order[src]:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def _candidates(gm) -> int:
     """Same-shape adds where one operand is computed from the other."""
     import operator
@@ -112,19 +126,6 @@ def _candidates(gm) -> int:
     from torch import fx
     from revwire.compiler.shapes import info
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-
-    def reaches(src, dst):  # is src an ancestor of dst?
-        stack, seen = [dst], set()
-        while stack:
-            n = stack.pop()
-            if n is src:
-                return True
-            if n in seen or order[n] < order[src]:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return False
-
     count = 0
     for n in gm.graph.nodes:
         is_add = (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or (
@@ -136,7 +137,7 @@ def _candidates(gm) -> int:
             continue
         if not info(a).is_tensor or info(a).shape != info(b).shape:
             continue
-        if reaches(a, b) or reaches(b, a):
+        if reaches(a, b, order) or reaches(b, a, order):
             count += 1
     return count
 

@@ -178,19 +178,8 @@ def _candidates(gm, fx):
     from revwire.compiler.shapes import info
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
     nodes = list(gm.graph.nodes)
+    from benchmarks.coverage import reaches  # the repository's root is on sys.path (main)
     order = {n: i for i, n in enumerate(nodes)}
-
-    def reaches(src, dst):
-        seen, stack = set(), [dst]
-        while stack:
-            n = stack.pop()
-            if n is src:
-                return True
-            if n in seen or order[n] < order[src]:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return False
     total = post = 0
     for n in nodes:
         if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add) and len(n.args) == 2:
@@ -199,7 +188,7 @@ def _candidates(gm, fx):
                 continue
             if not (info(a).is_tensor and info(b).is_tensor and info(a).shape == info(b).shape == info(n).shape):
                 continue
-            if reaches(a, b) or reaches(b, a):
+            if reaches(a, b, order) or reaches(b, a, order):
                 total += 1
                 users = list(n.users)
                 if len(users) == 1 and users[0].op == "call_module" and isinstance(
