@@ -88,10 +88,14 @@ class _Pass:
         self.pair: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.owned: Dict[int, weakref.ref] = {}  # id -> tensor (ids of freed tensors recur)
         self.finite: list = []
+        self.first: Optional[int] = None  # the lowest block whose autograd node runs
 
     def own(self, t: torch.Tensor) -> torch.Tensor:
         self.owned[id(t)] = weakref.ref(t)
         return t
+
+    def disown(self, t: torch.Tensor) -> None:
+        self.owned.pop(id(t), None)
 
     def owns(self, t: torch.Tensor) -> bool:
         ref = self.owned.get(id(t))
@@ -109,8 +113,11 @@ def reversible_forward(stage, x: torch.Tensor, aux: tuple) -> torch.Tensor:
     # what autograd sees (NOTE [ Streams and what autograd sees ])
     a = b = x.float() if x.dtype in (torch.float16, torch.bfloat16) and stream.dtype != x.dtype else x
     run.seen_dtype = a.dtype
+    needs_grad = x.requires_grad or any(t.requires_grad for t in aux_tensors)
     for i in range(n):
         params = stage.block_params(i)
+        if run.first is None and (needs_grad or params):
+            run.first = i  # the first block whose node backward runs (earlier ones are frozen)
         keep = stage.keep_last and i == n - 1
         a, b = _Block.apply(run, i, keep, a, b, *aux_tensors, *params)
     return _StageOutput.apply(run, a, b, *(t.detach() for t in run.cur))
@@ -127,8 +134,10 @@ class _StageOutput(torch.autograd.Function):
         ctx.run = run
         ctx.save_for_backward(stream_a, stream_b)
         run.cur = None  # kept by autograd now, and released by it after this node's backward
-        out = torch.empty(stream_a.shape, dtype=run.in_dtype, device=stream_a.device)
-        return torch.add(stream_a, stream_b, out=out).div_(2)  # halving is exact: no temporary
+        if stream_a.dtype == run.in_dtype:
+            return torch.add(stream_a, stream_b).div_(2)
+        # halved in the streams' dtype before rounding: (a + b) may overflow the input's dtype
+        return torch.add(stream_a, stream_b).div_(2).to(run.in_dtype)
 
     @staticmethod
     @_first_order  # a second-order backward raises instead of silently dropping terms
@@ -228,10 +237,14 @@ def _invert(ctx, g_a, g_b) -> tuple:
         grads = torch.autograd.grad(y, leaves, grad_outputs=g_b.to(y.dtype), allow_unused=True)
     else:  # F_i depends on neither its input nor a trainable tensor
         grads = (None,) * len(leaves)
+    if run.owns(g_b) and any(g is not None and _shares_storage(g, g_b) for g in grads[1:]):
+        # a parameter's or aux tensor's gradient *is* g_b (an add, a view passes it through):
+        # autograd holds it, so it must not be accumulated into in place later
+        run.disown(g_b)
     with torch.no_grad():
         y = y.detach()  # subtracted in b's dtype, without a copy of y in it
-        if i == 0 and run.streams is None and not run.owns(b):
-            # x_{-1} is the stage's input: nothing needs its value, only that it is finite
+        if i == run.first and run.streams is None and not run.owns(b):
+            # no node before this one needs x_{i-2}: only that it is finite
             older = None
             if stage.check_finite:
                 _note_finite(run, b, minus=y)
@@ -252,10 +265,10 @@ def _invert(ctx, g_a, g_b) -> tuple:
         else:
             g_older_b = run.own(g_a + g_inp.to(g_a.dtype))
     # The graph (and with it this `_Pass`) lives until the whole backward is done: the
-    # stage's first block lets go of the reconstructed input so the earlier stages'
-    # backward does not run beside it.
-    run.pair = (older, a) if i > 0 else None
-    if i == 0 and run.finite and run.device.type != "meta":  # meta tensors hold no values
+    # stage's last node to run lets go of the streams so the earlier stages' backward does
+    # not run beside them.
+    run.pair = (older, a) if i != run.first else None
+    if i == run.first and run.finite and run.device.type != "meta":  # meta tensors hold no values
         _raise_if_not_finite(run)
     n_params = len(aliases)
     param_grads = list(grads[1:1 + n_params])

@@ -1,7 +1,6 @@
 """DistributedDataParallel (gloo, 2 CPU processes) over a reversible stage: parameter gradients
 come back through autograd, so DDP's reducer sees and averages them like any other."""
 import os
-import socket
 
 import pytest
 import torch
@@ -35,10 +34,11 @@ def _loss(out, w):
     return (out * w).sum() / out.shape[0]  # a mean over samples: DDP averages over ranks
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    # a file rendezvous: no TCP port to pick, so no race with other processes for one
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=WORLD)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
         x, w = _data()
@@ -52,15 +52,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = _model()

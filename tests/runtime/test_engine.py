@@ -594,3 +594,60 @@ def test_keep_last_keeps_the_last_blocks_graph_instead_of_recomputing_it():
         xs = torch.randn(2, 16, 32, requires_grad=True)
         sizes.append(revwire.saved_tensor_bytes(s, xs, exclude=list(s.parameters()))[1])
     assert sizes[0] == sizes[1] > 2 * xs.numel() * 4
+
+
+# -- found in review: aliasing, frozen first blocks, fp16 output range ------------------------
+
+
+class _AddsAux(nn.Module):
+    """A branch whose output adds an aux tensor: its gradient is the incoming one, passed through."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, c):
+        return torch.tanh(self.fc(x)) + c
+
+
+class _TanhAux(_AddsAux):
+    def forward(self, x, c):
+        return torch.tanh(self.fc(x))
+
+
+def test_a_gradient_passed_through_to_an_aux_tensor_is_not_overwritten():
+    stage = ReversibleStage([_TanhAux(4), _AddsAux(4), _TanhAux(4)]).to(D)
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    c = torch.randn(3, 4, dtype=D, requires_grad=True)
+    grads = {}
+    for engine in ("autograd", "reversible"):
+        stage.engine = engine
+        grads[engine] = torch.autograd.grad(stage(x, c).pow(2).sum(), [x, c, *stage.parameters()])
+    assert max(rel(a, b) for a, b in zip(grads["reversible"], grads["autograd"])) <= 1e-12
+
+
+def test_frozen_first_blocks_still_check_and_release():
+    stage = ReversibleStage([Blowup(4), Blowup(4), Blowup(4)], name="trunk")
+    stage.blocks[0].requires_grad_(False)
+    out = stage(torch.randn(2, 4))  # no grad into the stage: block 0 gets no autograd node
+    with pytest.raises(ReconstructionError, match="stage 'trunk'"):
+        out.sum().backward()
+    assert out.grad_fn.run.pair is None  # released by the last node that ran
+
+
+def test_float16_output_does_not_overflow_where_autograd_does_not():
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * 0
+
+    stage = ReversibleStage([Zero(), Zero()]).half()
+    x = torch.full((2, 4), 40000.0, dtype=torch.float16, requires_grad=True)
+    outs = {}
+    for engine in ("autograd", "reversible"):
+        stage.engine = engine
+        outs[engine] = stage(x)
+    assert torch.equal(outs["reversible"], outs["autograd"]) and torch.isfinite(outs["reversible"]).all()
