@@ -484,8 +484,10 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
     if not isinstance(model, nn.Module):
         raise InputError(f"train_step_peak expects an nn.Module, got {type(model).__name__}")
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise InputError("train_step_peak: inputs must be a tensor or a non-empty tuple of tensors")
+    leaves = tree_leaves(inputs)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise InputError("train_step_peak: inputs must be a tensor or a non-empty tuple of tensors "
+                         "(or of lists of tensors, for a list input: ([slow, fast],))")
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < (0 if optimizer is not None else 1):
         raise InputError(f"train_step_peak: warmup must be an integer >= 1 (>= 0 with an optimizer that "
                          f"already stepped): the optimizer state must exist before the metered step; "
@@ -497,7 +499,7 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
     if loss_fn is None:
         loss_fn = (lambda out, t: torch.nn.functional.cross_entropy(out.float(), t)) if targets is not None \
             else (lambda out: _default_loss(out))
-    dev_type = inputs[0].device.type
+    dev_type = leaves[0].device.type
     meter: Optional[StepMeter] = None
 
     def phase(name):
@@ -507,7 +509,8 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
         with phase("forward"):
             with torch.autocast(dev_type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
-                out = model(*inputs)
+                # a fresh list per call: some models (pytorchvideo's) write into a list input
+                out = model(*(list(a) if isinstance(a, list) else a for a in inputs))
             loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
             del out
         with phase("backward"):
@@ -523,7 +526,7 @@ def train_step_peak(model: nn.Module, inputs, targets: Optional[torch.Tensor] = 
         for _ in range(warmup):
             step()
         opt.zero_grad(set_to_none=False)
-        meter = StepMeter(roots=[model, opt, list(inputs), targets], device=device or inputs[0].device)
+        meter = StepMeter(roots=[model, opt, leaves, targets], device=device or leaves[0].device)
         with meter:
             loss = step()
         return meter.report(loss)

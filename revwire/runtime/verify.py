@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .stage import set_engine, stages
 
@@ -37,21 +37,25 @@ def _relative_error(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _engine_step(rev: nn.Module, x: torch.Tensor, params, seed: int):
-    """Outputs and gradients (input, then `params`) of one training step, seeded."""
-    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+def _engine_step(rev: nn.Module, x, params, seed: int):
+    """Outputs and gradients (inputs, then `params`) of one training step, seeded. `x`: the
+    forward's one input, a tensor or a list of tensors (`[slow, fast]`)."""
+    device = tree_leaves(x)[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        xi = x.detach().clone().requires_grad_(True)
+        xi = tree_map(lambda t: t.detach().clone().requires_grad_(True), x)
         outs = [t for t in tree_leaves(rev(xi)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
-        grads = torch.autograd.grad(loss, [xi, *params], allow_unused=True)
-    return [o.detach() for o in outs], grads
+        inputs = tree_leaves(xi)
+        grads = torch.autograd.grad(loss, [*inputs, *params], allow_unused=True)
+    return [o.detach() for o in outs], grads[:len(inputs)], grads[len(inputs):]
 
 
-def verify(rev: nn.Module, x: torch.Tensor, *, seed: int = 0, tolerance: float = 1e-3) -> Dict[str, Any]:
+def verify(rev: nn.Module, x, *, seed: int = 0, tolerance: float = 1e-3) -> Dict[str, Any]:
     """Compare the reversible engine with the autograd engine on one training step of
-    `rev` on `x` (same RNG seed for both): outputs, the input's and every parameter's
+    `rev` on `x` (a tensor, or a list of tensors for a list input such as SlowFast's
+    `[slow, fast]`; same RNG seed for both): outputs, the inputs' and every parameter's
     gradient, as relative errors. Buffers (BatchNorm statistics), the engine, the
     train/eval mode and the global RNG are left as they were. Returns a JSON-able dict
     whose `ok` says whether every error is finite and at most `tolerance`."""
@@ -73,17 +77,17 @@ def verify(rev: nn.Module, x: torch.Tensor, *, seed: int = 0, tolerance: float =
             s.engine = e
         rev.train(was_training)
 
-    (ref_out, ref_g), (rev_out, rev_g) = results["autograd"], results["reversible"]
+    (ref_out, ref_in, ref_g), (rev_out, rev_in, rev_g) = results["autograd"], results["reversible"]
     out_err = max((_relative_error(a, b) for a, b in zip(rev_out, ref_out)), default=0.0)
-    input_err = _relative_error(rev_g[0], ref_g[0])
-    param_errs = [(_relative_error(a, b), n) for n, a, b in zip(names, rev_g[1:], ref_g[1:])]
+    input_err = max(_relative_error(a, b) for a, b in zip(rev_in, ref_in))
+    param_errs = [(_relative_error(a, b), n) for n, a, b in zip(names, rev_g, ref_g)]
     worst = max(param_errs, default=(0.0, None))
     finite = all(math.isfinite(e) for e, _ in param_errs) and math.isfinite(input_err)
     max_err = max(out_err, input_err, worst[0])
     return {
         "ok": bool(finite and max_err <= tolerance),
         "tolerance": tolerance,
-        "input_shape": list(x.shape),
+        "input_shape": tree_map(lambda t: list(t.shape), x),
         "seed": seed,
         "output_rel_error": out_err,
         "input_grad_rel_error": input_err,

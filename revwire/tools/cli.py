@@ -92,8 +92,24 @@ def _build(args: argparse.Namespace, *, pretrained: bool = False):
     else:
         model = build_model(args.spec, kwargs)
     x = default_input(model, args.spec, input_size=args.input_size, batch=args.batch,
-                      model_kwargs=kwargs, seed=args.seed)
+                      model_kwargs=kwargs, seed=args.seed, structured=True)
     return model, kwargs, x
+
+
+def _example(x):
+    """`x` as `rewire` and the meter take it: a list input (`[slow, fast]`) is one argument."""
+    return (x,) if isinstance(x, list) else x
+
+
+def _shape_of(x):
+    """[B, C, ...] of the input, or a list of such for a list input."""
+    return [list(t.shape) for t in x] if isinstance(x, list) else list(x.shape)
+
+
+def _shape_text(shape) -> str:
+    if shape and isinstance(shape[0], list):
+        return "[" + ", ".join(_shape_text(s) for s in shape) + "]"
+    return "x".join(map(str, shape))
 
 
 def _build_pretrained(spec: str, kwargs: Dict[str, Any]):
@@ -133,7 +149,7 @@ def _forward_guard(what: str, x: torch.Tensor):
                 raise InputError(f"{_one_line(e)} (set the input with --input-size / --batch / --model-kwargs)") from None
             if et is not None and issubclass(et, (RuntimeError, ValueError, AssertionError, IndexError)) \
                     and not issubclass(et, RewireError):
-                shape = "x".join(map(str, x.shape))
+                shape = _shape_text(_shape_of(x))
                 raise InputError(
                     f"{what} failed on a {shape} input ({et.__name__}: {_one_line(e)[:200]}); "
                     f"check --input-size / --batch / --model-kwargs"
@@ -144,7 +160,7 @@ def _forward_guard(what: str, x: torch.Tensor):
 
 
 def _verify_line(v: Dict[str, Any]) -> str:
-    shape = "x".join(map(str, v["input_shape"]))
+    shape = _shape_text(v["input_shape"])
     status = "ok" if v["ok"] else "FAILED"
     return (f"verify: reversible vs autograd on a random {shape} batch: {status} "
             f"(output {v['output_rel_error']:.1e}, input grad {v['input_grad_rel_error']:.1e}, "
@@ -161,20 +177,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model, kwargs, x = _build(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available; measure on the CPU (the default)")
-    shape = "x".join(map(str, x.shape))
+    shape = _shape_text(_shape_of(x))
     with _forward_guard(f"rewiring {args.spec}", x):
-        rev = rewire(model, x, opts)
+        rev = rewire(model, _example(x), opts)
     rep = report(rev)
     rep_dict = rep.to_dict()
     if args.device == "cuda":
         model.cuda()
         rev.cuda()  # shares the parameters; moves its own constants, if any
-        x = x.cuda()
+        x = [t.cuda() for t in x] if isinstance(x, list) else x.cuda()
     twins = {"original": model, "checkpoint": checkpoint_twin(model, rev), "rewired": rev}
     reports = {}
     with _forward_guard(f"a training step of {args.spec}", x):
         for name, twin in twins.items():
-            reports[name] = train_step_peak(twin, x, device=x.device)
+            reports[name] = train_step_peak(twin, _example(x), device=(x[0] if isinstance(x, list) else x).device)
     model.zero_grad(set_to_none=True)
     base = reports["original"]
     memory: Dict[str, Any] = {
@@ -191,7 +207,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     memory["ratio"] = memory["rewired"] / memory["original"] if memory["original"] else None
     acts = base.above_baseline
     memory["activation_ratio"] = memory["rewired_activations"] / acts if acts else None
-    data = {"spec": args.spec, "model_kwargs": kwargs, "input_shape": list(x.shape),
+    data = {"spec": args.spec, "model_kwargs": kwargs, "input_shape": _shape_of(x),
             "rewire_options": opts.to_dict(), "report": rep_dict, "memory": memory}
     ratio = lambda v: f"{v:.0%} of original" if v is not None else "n/a"  # noqa: E731
     summary = (f"{args.spec}: {_chain_summary(rep_dict)}; step peak {_mib(memory['original'])} -> "
@@ -235,7 +251,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         out.say(f"{args.spec}: random weights (--random-init)")
     buffers = snapshot_buffers(model)  # the weights written are the ones loaded
     with _forward_guard(f"rewiring {args.spec}", x):
-        rev = rewire(model, x, opts)
+        rev = rewire(model, _example(x), opts)
     restore_buffers(rev, buffers)
     rep = report(rev)
     rep_dict = rep.to_dict()
@@ -253,9 +269,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         out.say(line)
     save(rev, args.output, overwrite=args.force, spec=args.spec, model_kwargs=kwargs,
-         input_shapes=[list(x.shape)], extra={"source": source, "verify": verified})
+         input_shapes=[_shape_of(x)], extra={"source": source, "verify": verified})
     data = {"spec": args.spec, "model_kwargs": kwargs, "output": args.output, "bytes": os.path.getsize(args.output),
-            "source": source, "input_shape": list(x.shape), "rewire_options": opts.to_dict(),
+            "source": source, "input_shape": _shape_of(x), "rewire_options": opts.to_dict(),
             "report": rep_dict, "verify": verified}
     out.say(f"wrote {args.output} ({_size(args.output)})")
     out.emit(data)

@@ -409,8 +409,8 @@ def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: O
     """A random input batch for `model`: `input_size` if given, else the model's own.
 
     A SlowFast model takes one list `[slow, fast]` (the slow pathway every alpha-th frame
-    of the fast one): with `structured=True` that list is returned; otherwise (the CLI,
-    which handles one input tensor) an InputError says to use the Python API."""
+    of the fast one): with `structured=True` (as the CLI asks) that list is returned;
+    otherwise an InputError says how to get it (a caller expecting one tensor)."""
     if spec is None:
         record = spec_of(model)
         if record is not None:
@@ -420,9 +420,9 @@ def default_input(model: nn.Module, spec: Optional[str] = None, *, input_size: O
     if is_two_pathway(spec):  # [slow, fast]: the slow pathway sees every alpha-th frame
         if not structured:
             raise InputError(
-                f"{spec} takes one list [slow, fast] as its input; the command line handles models "
-                f"that take one tensor: use the Python API, revwire.rewire(model, ([slow, fast],)) "
-                f"(default_input(model, '{spec}', structured=True) makes that list) and revwire.save / load")
+                f"{spec} takes one list [slow, fast] as its input, not one tensor: "
+                f"default_input(model, '{spec}', structured=True) makes that list; rewire it with "
+                f"revwire.rewire(model, ([slow, fast],))")
         stride = (model_kwargs or {}).get("slowfast_fusion_conv_stride") or (4,)
         alpha = int(stride[0])
         return [x[:, :, ::alpha].contiguous(), x]

@@ -96,8 +96,21 @@ def test_pytorchvideo_specs(tmp_path, capsys):
     assert again.revwire_input_shapes == [[[1, 3, 8, 32, 32], [1, 3, 32, 32, 32]]]
     for k, v in rev.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-    # the command line takes one tensor: SlowFast's list input is refused with the way out
-    rc, out, err = run(capsys, "inspect", "pytorchvideo:slowfast_r50", "--input-size", "3,32,32,32")
-    assert rc != 0 and "structured=True" in err
+    # the command line takes SlowFast's [slow, fast] list input too
+    cli_kwargs = ["stem_dim_outs=[8,1]", "head_pool_kernel_sizes=[[8,1,1],[32,1,1]]", "model_num_class=10"]
+    base = ["pytorchvideo:slowfast_r50", "--input-size", "3,32,32,32", "--model-kwargs", *cli_kwargs]
+    rc, out, err = run(capsys, "inspect", *base)
+    assert rc == 0, err
+    assert "revwire_stage0" in out and "step peak of one training step" in out
+    cli_file = tmp_path / "sf-cli.pt"
+    rc, out, err = run(capsys, "convert", *base, "--random-init", "-o", cli_file, "--verify")
+    assert rc == 0, err
+    assert "verify: reversible vs autograd on a random [1x3x8x32x32, 1x3x32x32x32] batch: ok" in out
+    converted = revwire.load(cli_file)
+    assert converted.revwire_input_shapes == [[[1, 3, 8, 32, 32], [1, 3, 32, 32, 32]]]
+    rc, out, err = run(capsys, "export", cli_file, "-o", tmp_path / "sf.pth")
+    assert rc == 0, err
+    plain = build_model("pytorchvideo:slowfast_r50", kwargs)
+    plain.load_state_dict(torch.load(tmp_path / "sf.pth", weights_only=True), strict=True)
     with pytest.raises(revwire.SpecError, match="did you mean"):
         build_model("pytorchvideo:slowfast_r5O")
