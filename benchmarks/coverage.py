@@ -504,13 +504,18 @@ def main(argv=None):
     print(summarize(len(models), command))
 
 
-def _append(row):
-    new = not CSV_PATH.exists()
-    with open(CSV_PATH, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+def append_row(path, fields, row) -> None:
+    """Append `row` (its `fields`, "" where missing) to the CSV at `path`, header first."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
+        w.writerow({k: row.get(k, "") for k in fields})
+
+
+def _append(row):
+    append_row(CSV_PATH, FIELDS, row)
 
 
 if __name__ == "__main__":

@@ -409,12 +409,9 @@ def summarize(total=None):
 
 
 def _append(row):
-    new = not CSV_PATH.exists()
-    with open(CSV_PATH, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
+    from benchmarks.coverage import append_row  # the repository's root is on sys.path (main)
+
+    append_row(CSV_PATH, FIELDS, row)
 
 
 def main(argv=None):
