@@ -228,31 +228,35 @@ def _invert(ctx, g_a, g_b) -> tuple:
             if run.owns(before) or not _shares_storage(before, after):
                 run.own(after)
     if ctx.kept is not None:
-        inp, aliases, aux_leaves, y = ctx.kept
+        (inp, aliases, aux_leaves, y), ctx.kept = ctx.kept, None
     else:
         inp, aliases, aux_leaves, y = _recompute(run, i, a)
     leaves = [inp, *aliases, *[t for t in aux_leaves if t.requires_grad]]
     stage.check_leaves(i, y, leaves)
-    if y.requires_grad:
-        grads = torch.autograd.grad(y, leaves, grad_outputs=g_b.to(y.dtype), allow_unused=True)
+    with torch.no_grad():  # reconstruct first: y's values are then dead (NOTE [ Release y ])
+        if i == run.first and run.streams is None and not run.owns(b):
+            # no node before this one needs x_{i-2}: only that it is finite
+            older = None
+            if stage.check_finite:
+                _note_finite(run, b, minus=y.detach())
+        else:
+            older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
+            if stage.check_finite:
+                _note_finite(run, older)
+    with torch.enable_grad():
+        root = _Root.apply(y) if y.requires_grad else None
+    del y
+    if root is not None:
+        # g_b as it is: autograd casts it to y's dtype inside, where the copy dies early
+        grads = torch.autograd.grad(root, leaves, grad_outputs=g_b, allow_unused=True)
     else:  # F_i depends on neither its input nor a trainable tensor
         grads = (None,) * len(leaves)
+    del root
     if run.owns(g_b) and any(g is not None and _shares_storage(g, g_b) for g in grads[1:]):
         # a parameter's or aux tensor's gradient *is* g_b (an add, a view passes it through):
         # autograd holds it, so it must not be accumulated into in place later
         run.disown(g_b)
     with torch.no_grad():
-        y = y.detach()  # subtracted in b's dtype, without a copy of y in it
-        if i == run.first and run.streams is None and not run.owns(b):
-            # no node before this one needs x_{i-2}: only that it is finite
-            older = None
-            if stage.check_finite:
-                _note_finite(run, b, minus=y)
-        else:
-            older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
-            if stage.check_finite:
-                _note_finite(run, older)
-        del y
         if run.streams is not None:
             ref = run.streams[i]
             err = (older - ref).norm() / ref.norm().clamp_min(1e-30)
@@ -335,7 +339,29 @@ def meta_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    # The storage object itself, not its data pointer: fake and meta tensors all have 0.
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+# NOTE [ Release y ]
+# Once x_{i-2} = x_i - y is reconstructed, the recomputed block output y is needed only as
+# the root of its graph: backward reads its grad_fn, never its values. Held as the root of
+# autograd.grad, its storage (one stream-sized tensor) would stay alive through the whole
+# backward of the block, where the block's peak is. `_Root` takes y's place: a storage-free
+# tensor of y's shape whose backward hands the gradient to y's grad_fn, so y's storage is
+# freed as soon as the graph does not save it (a sigmoid that saved its own output keeps it).
+
+
+class _Root(torch.autograd.Function):
+    """y's stand-in as the root of its block's graph (NOTE [ Release y ])."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return _stand_in(y, y.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
 
 
 def _undo_layout(transition, shape, tensors, context: tuple):
