@@ -43,7 +43,12 @@ from .replay import AutocastState, RngState, frozen_running_stats
 # Only tensors this backward allocated are overwritten: the final pair is saved by
 # `_StageOutput` (a second backward with retain_graph=True must find it intact), and
 # gradients handed in by autograd may be referenced elsewhere. `_Pass.owned` holds the
-# ids of the tensors this backward made.
+# ids of the tensors this backward made. A stream of the final pair is adopted too once
+# nothing else holds it (`_unshared`): without retain_graph=True, autograd releases
+# `_StageOutput`'s saved tensors after its backward, and the streams never escape to the
+# user, except the stage input itself (x_{-1} = x_0 = x), whose storage the user's tensor
+# shares. Without adoption, the node after `_StageOutput`'s first would hold one more
+# stream-sized tensor while it runs.
 
 
 def _stand_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,6 +224,9 @@ def _invert(ctx, g_a, g_b) -> tuple:
     run, i = ctx.run, ctx.i
     stage = run.stage
     a, b = run.pair
+    run.pair = None
+    if not run.owns(b) and _unshared(b):  # NOTE [ In-place reconstruction ]
+        run.own(b)
     transition = stage.transitions[i] if i < len(stage.transitions) else None
     if transition is not None:
         context = stage._context(run.metas, i, run.aux)
@@ -227,6 +235,11 @@ def _invert(ctx, g_a, g_b) -> tuple:
         for before, after in zip(moved, (a, b, g_a, g_b)):  # a view of a tensor we may not own
             if run.owns(before) or not _shares_storage(before, after):
                 run.own(after)
+    last = i == run.first and run.streams is None  # no node before this one needs x_{i-2}
+    if last:
+        # ... only that it is finite: b's total now, and b let go before the recompute
+        b_total = _total(b) if stage.check_finite else None
+        b = None
     if ctx.kept is not None:
         (inp, aliases, aux_leaves, y), ctx.kept = ctx.kept, None
     else:
@@ -234,15 +247,14 @@ def _invert(ctx, g_a, g_b) -> tuple:
     leaves = [inp, *aliases, *[t for t in aux_leaves if t.requires_grad]]
     stage.check_leaves(i, y, leaves)
     with torch.no_grad():  # reconstruct first: y's values are then dead (NOTE [ Release y ])
-        if i == run.first and run.streams is None and not run.owns(b):
-            # no node before this one needs x_{i-2}: only that it is finite
+        if last:
             older = None
-            if stage.check_finite:
-                _note_finite(run, b, minus=y.detach())
+            if stage.check_finite:  # x_{i-2} = b - y is finite if its total is
+                run.finite.append(torch.isfinite(b_total - _total(y).to(b_total.dtype)))
         else:
             older = b.sub_(y) if run.owns(b) else run.own(torch.sub(b, y))  # x_{i-2}
             if stage.check_finite:
-                _note_finite(run, older)
+                run.finite.append(torch.isfinite(_total(older)))
     with torch.enable_grad():
         root = _Root.apply(y) if y.requires_grad else None
     del y
@@ -308,14 +320,11 @@ def _recompute(run: _Pass, i: int, stream: torch.Tensor, keep_rng: bool = True):
     return inp, aliases, aux_leaves, y
 
 
-def _note_finite(run: _Pass, t: torch.Tensor, minus: Optional[torch.Tensor] = None) -> None:
-    """Record (without a device sync) whether `t` (or `t - minus`, for finite `minus`) is
-    finite: a sum is NaN or inf if any element is, and needs no stream-sized temporary."""
-    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    total = t.sum(dtype=acc)
-    if minus is not None:
-        total = total - minus.sum(dtype=total.dtype)
-    run.finite.append(torch.isfinite(total))
+def _total(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` (float32 accumulation for half types), computed without a device sync
+    or a stream-sized temporary: NaN or inf if any element is, which is all the finiteness
+    check needs."""
+    return t.sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
 
 
 def _raise_if_not_finite(run: _Pass) -> None:
@@ -362,6 +371,13 @@ class _Root(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """Whether the caller's reference is the only one to `t` and to its storage: no saved
+    variable of a retained graph holds it (`_use_count`: references to the tensor) and no
+    other tensor views its storage (the storage's use count: `t` and the temporary)."""
+    return t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
 
 
 def _undo_layout(transition, shape, tensors, context: tuple):
