@@ -45,8 +45,8 @@ def shifted_window_attention_3d(input: Tensor, qkv_weight: Tensor, proj_weight: 
     """torchvision's `shifted_window_attention_3d` (same signature, same values), with
     `softmax(q·kᵀ·scale + bias + mask)·v` as one `F.scaled_dot_product_attention`.
 
-    The shift mask is added to the bias once per window (nW × heads × N × N), not once per
-    window of every batch element: the batch's windows of one position share it.
+    The shift mask is added to the bias once per window position (nW × heads × N × N), and
+    repeated over the batch only for a batch of more than one.
     """
     tv = sys.modules[_SWIN3D]
     b, t, h, w, c = input.shape
@@ -63,13 +63,17 @@ def shifted_window_attention_3d(input: Tensor, qkv_weight: Tensor, proj_weight: 
 
     qkv = F.linear(x, qkv_weight, qkv_bias)
     q, k, v = qkv.reshape(b * num_windows, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-    mask = relative_position_bias  # (1, heads, N, N): the same for every window
+    # The mask in q's dtype from the start (SDPA casts it to that dtype under autocast):
+    # a float32 (nW × heads × N × N) sum would cost twice the bf16 one, made again in recompute.
+    mask = relative_position_bias.to(q.dtype)  # (1, heads, N, N): the same for every window
     if shifted:
-        shift_mask = tv._compute_attention_mask_3d(x, (tp, hp, wp), tuple(window_size), tuple(shift_size))
-        mask = relative_position_bias + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
+        # the helper reads only its first argument's dtype and device (new_zeros)
+        shift_mask = tv._compute_attention_mask_3d(q.new_empty(0), (tp, hp, wp), tuple(window_size),
+                                                   tuple(shift_size))
+        mask = mask + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
         if b > 1:
             mask = mask.repeat(b, 1, 1, 1)  # window i of batch element j is row j * nW + i
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                        dropout_p=attention_dropout if training else 0.0,
                                        scale=(c // num_heads) ** -0.5)
     x = x.transpose(1, 2).reshape(b * num_windows, n, c)
@@ -83,7 +87,7 @@ def shifted_window_attention_3d(input: Tensor, qkv_weight: Tensor, proj_weight: 
     return x[:, :t, :h, :w, :].contiguous()
 
 
-def _is_window_attention_3d(module: nn.Module) -> bool:
+def is_explicit_attention(module: nn.Module) -> bool:
     """A torchvision `ShiftedWindowAttention3d` whose forward and bias are torchvision's own
     (a subclass that overrides them computes something else, and is left alone)."""
     tv = sys.modules.get(_SWIN3D)  # not imported: no model holds one
@@ -103,7 +107,7 @@ def sdpa_attention(gm: fx.GraphModule) -> int:
     """
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _is_window_attention_3d(gm.get_submodule(node.target)):
+        if node.op != "call_module" or not is_explicit_attention(gm.get_submodule(node.target)):
             continue
         (x,) = node.args or (node.kwargs["x"],)  # its forward takes one tensor
         with gm.graph.inserting_before(node):
