@@ -1,11 +1,12 @@
-"""Step 2c (opt-in, `sdpa_attention`): explicit attention computed through
-`F.scaled_dot_product_attention`.
+"""Step 1b (opt-in, `sdpa_attention`; after the trace, before `shapes.propagate`): explicit
+attention computed through `F.scaled_dot_product_attention`.
 
 `softmax(q·kᵀ·scale + bias + mask) · v` written out materialises a (windows × heads ×
 N × N) matrix several times over and keeps it for backward; neither a reversible stage
 nor checkpointing removes it, since every recompute makes it again. A fused SDPA kernel
-never stores it. The values are the same: SDPA computes that very expression, with the
-bias and the mask as its additive `attn_mask`.
+(CUDA's memory-efficient one) never stores it; on a CPU a mask that needs a gradient (the
+bias is a parameter) sends SDPA to its math backend, which does. The values are the same:
+SDPA computes that very expression, with the bias and the mask as its additive `attn_mask`.
 
 Rewritten: torchvision's `ShiftedWindowAttention3d` (swin3d), a leaf in revwire's trace
 (its forward reads `self.training`). Its call becomes `window_attention_3d(module, x)`,
