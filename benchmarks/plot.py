@@ -10,6 +10,8 @@ import sys
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .methods import ALL_METHODS
+
 METHODS = ("vanilla", "checkpoint", "revwire")
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -68,7 +70,7 @@ def suite_table(records: Sequence[Dict], suite: str) -> str:
     if has_cuda:
         cols.append(("CUDA max_allocated MiB", "cuda_peak_bytes", _mib))
     cols.append(("step ms", "step_ms", _ms))
-    methods = [m for m in METHODS + ("revwire_rest",) if any(m in g for g in groups.values())]
+    methods = [m for m in ALL_METHODS if any(m in g for g in groups.values())]
     head = ["model", "input", "dtype"]
     for title, _, _ in cols:
         head += [f"{title} {m}" for m in methods]

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from .compiler.attention import sdpa_attention
 from .compiler.match import match
 from .compiler.normalize import readable_asserts, unbind_unpacked_tensors
 from .compiler.report import Report
@@ -121,7 +122,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     inputs (each a tensor or a list / tuple / dict of tensors: `([slow, fast],)`), or a
     dict of keyword inputs. Options (`min_blocks`, `post_activation`, `leaf_modules`,
     `not_leaf`, `autowrap_functions`, `capture`, `strict`, `stream_dtype`, `engine`,
-    `check_finite`, `checkpoint_rest`) are the fields of `revwire.RewireOptions`: pass them
+    `check_finite`, `checkpoint_rest`, `sdpa_attention`) are the fields of `revwire.RewireOptions`: pass them
     as keywords, or as `options=`.
     See `revwire.report(result)` for what was converted. A `torch.compile`d model is
     rewired through the module it compiles (`_orig_mod`), with a warning: compile the
@@ -135,6 +136,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     gm = trace(model, inputs, leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
                not_leaf=opts.not_leaf, capture=opts.capture)
     readable_asserts(gm)
+    attention_sites = sdpa_attention(gm) if opts.sdpa_attention else 0
     try:
         propagate(gm, inputs.call_args)
     except InputError:
@@ -145,6 +147,7 @@ def rewire(model: nn.Module, example_inputs=None, options: Optional[RewireOption
     report = rewrite(gm, found, opts, type(model).__name__)
     report.capture = gm.meta.get("revwire_capture", "symbolic")
     report.decisions = list(dict.fromkeys(gm.meta.get("revwire_decisions", [])))
+    report.attention_sites = attention_sites
     if not report.chains:
         reasons = "; ".join(sorted({s.reason for s in report.skipped})[:4]) or "no residual add found"
         message = (f"no chain of >= {opts.min_blocks} same-shape residual blocks found in "

@@ -65,6 +65,10 @@ class RewireOptions:
     checkpoint_rest: bool = _option(
         False, "recompute in backward the parts left out of reversible stages (stems, projection "
                "blocks, short chains) instead of storing their activations", "bool", flag="--checkpoint-rest")
+    sdpa_attention: bool = _option(
+        False, "compute explicit attention (torchvision swin3d's window attention) through "
+               "F.scaled_dot_product_attention, which does not store the attention matrix", "bool",
+        flag="--sdpa-attention")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -185,6 +185,44 @@ def test_methods_give_same_loss(build):
     assert not torch.allclose(results["revwire"][0], results["vanilla"][0]), "revwire did not rewire"
 
 
+class _CountSDPA(torch.overrides.TorchFunctionMode):
+    n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def test_sdpa_methods_compute_their_originals():
+    """The `_sdpa` methods: vanilla_sdpa == checkpoint_sdpa == vanilla (the same function),
+    revwire_sdpa == revwire, all sharing the model's parameters, the model left unchanged."""
+    swin = pytest.importorskip("torchvision.models.video.swin_transformer")
+    torch.manual_seed(0)
+    model = swin.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 3, 3],
+                                   stochastic_depth_prob=0.0, num_classes=5).double().train()
+    x = torch.randn(2, 3, 8, 24, 24, dtype=torch.float64)
+    target = torch.tensor([0, 3])
+    mods, info = methods.prepare(model, x[:1], methods.ALL_METHODS)
+    assert info["attention_sites"] == 2
+    assert all(type(m.attn).forward is swin.ShiftedWindowAttention3d.forward and "forward" not in vars(m.attn)
+               for m in model.features[0]), "the original model was modified"
+    ids = {id(p) for p in model.parameters()}
+    results = {}
+    for name in methods.ALL_METHODS:
+        assert {id(p) for p in mods[name].parameters()} == ids, name
+        results[name] = _loss_and_grads(mods[name], model, x, target)
+    for name in methods.ALL_METHODS:
+        with torch.no_grad(), _CountSDPA() as calls:
+            mods[name](x)
+        assert calls.n == (2 if name.endswith("_sdpa") else 0), name
+    for sdpa, plain in [("vanilla_sdpa", "vanilla"), ("checkpoint_sdpa", "vanilla"), ("revwire_sdpa", "revwire")]:
+        (la, ga), (lb, gb) = results[sdpa], results[plain]
+        assert torch.allclose(la, lb, rtol=1e-12, atol=0), sdpa
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            assert torch.allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12), (sdpa, k)
+
+
 def test_step_memory_record():
     """The meter's record of one step: the model state by hand, activations below vanilla's
     for checkpoint, and nothing the step leaves behind."""

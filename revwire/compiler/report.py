@@ -41,6 +41,7 @@ class Report:
     segments: List[SegmentInfo] = field(default_factory=list)  # checkpointed (checkpoint_rest)
     capture: str = "symbolic"  # the front end that captured the model: "symbolic" or "concrete"
     decisions: List[str] = field(default_factory=list)  # concrete capture: where Python read a size
+    attention_sites: int = 0  # explicit attentions computed through SDPA (sdpa_attention)
 
     @property
     def num_blocks(self) -> int:
@@ -66,6 +67,8 @@ class Report:
         if self.segments:
             lines.append(f"checkpointed outside the stages ({len(self.segments)}): "
                          + ", ".join(f"{s.name} [{s.scope}]" for s in self.segments))
+        if self.attention_sites:
+            lines.append(f"attention through F.scaled_dot_product_attention: {self.attention_sites} site(s)")
         if self.capture == "concrete" and self.decisions:
             lines.append("captured with the example inputs' values; Python decided on sizes, checked on every "
                          f"call: {'; '.join(self.decisions[:2])}" + (" ..." if len(self.decisions) > 2 else ""))
