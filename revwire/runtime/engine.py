@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ReconstructionError, RewireError, StageFreedError
+from . import fsdp
 from .replay import AutocastState, RngState, frozen_running_stats
 
 # NOTE [ Why one autograd node per block ]
@@ -94,6 +95,7 @@ class _Pass:
         self.owned: Dict[int, weakref.ref] = {}  # id -> tensor (ids of freed tensors recur)
         self.finite: list = []
         self.first: Optional[int] = None  # the lowest block whose autograd node runs
+        self.fsdp = fsdp.begin(stage)  # None unless a block reads fully_shard-ed parameters
 
     def own(self, t: torch.Tensor) -> torch.Tensor:
         self.owned[id(t)] = weakref.ref(t)
@@ -120,11 +122,12 @@ def reversible_forward(stage, x: torch.Tensor, aux: tuple) -> torch.Tensor:
     run.seen_dtype = a.dtype
     needs_grad = x.requires_grad or any(t.requires_grad for t in aux_tensors)
     for i in range(n):
-        params = stage.block_params(i)
-        if run.first is None and (needs_grad or params):
-            run.first = i  # the first block whose node backward runs (earlier ones are frozen)
-        keep = stage.keep_last and i == n - 1
-        a, b = _Block.apply(run, i, keep, a, b, *aux_tensors, *params)
+        with fsdp.block_forward(run.fsdp, i):  # gathered first: the unsharded params are the inputs
+            params = stage.block_params(i)
+            if run.first is None and (needs_grad or params):
+                run.first = i  # the first block whose node backward runs (earlier ones are frozen)
+            keep = stage.keep_last and i == n - 1
+            a, b = _Block.apply(run, i, keep, a, b, *aux_tensors, *params)
     return _StageOutput.apply(run, a, b, *(t.detach() for t in run.cur))
 
 
@@ -204,7 +207,8 @@ class _Block(torch.autograd.Function):
     @staticmethod
     @_first_order
     def backward(ctx, g_a, g_b):
-        grads = _invert(ctx, g_a, g_b)
+        with fsdp.block_backward(ctx.run.fsdp, ctx.i):
+            grads = _invert(ctx, g_a, g_b)
         ctx.kept = None  # its graph was used; a retained second backward recomputes
         return (None, None, None, *grads)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import BlockShapeError, RewireError
 from ..options import ENGINES
+from . import fsdp
 from .engine import check_no_foreign_tensors, meta_like, modules_of, reversible_forward
 from .replay import stat_tracking_norms
 
@@ -187,9 +188,11 @@ class ReversibleStage(nn.Module):
     def _forward_autograd(self, x: torch.Tensor, aux: tuple = ()) -> torch.Tensor:
         a = b = self._stream(x)
         metas = [meta_like(b)]
+        sharded, keep = fsdp.begin(self), torch.is_grad_enabled()  # the graph saves gathered params
         for i in range(len(self.blocks)):
             context = self._context(metas, i, aux)
-            a, b = b, a + self._run_block(i, b, x.dtype, context)
+            with fsdp.block_forward(sharded, i, keep):
+                a, b = b, a + self._run_block(i, b, x.dtype, context)
             if i < len(self.transitions) and self.transitions[i] is not None:
                 a, b = self.transitions[i](a, *context), self.transitions[i](b, *context)
                 metas.append(meta_like(b))
