@@ -174,3 +174,20 @@ def perturb_weights(model, seed=0, scale=0.05, replace=False):
             elif name.endswith("running_mean"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     return model
+
+
+# -- data-parallel tests (DDP, FSDP2): the same batch in every process -----------------------
+
+
+def distributed_data(batch: int, tokens: int, dim: int):
+    """A float64 batch and the weights of a linear loss, the same in every process."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
+    w = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
+    return x, w
+
+
+def per_sample_loss(out, w):
+    """A mean over samples: DDP and FSDP average gradients over ranks, so the ranks' halves
+    give the whole batch's gradient."""
+    return (out * w).sum() / out.shape[0]

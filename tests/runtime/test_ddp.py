@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import revwire
-from conftest import rel, transformer_blocks
+from conftest import rel, transformer_blocks, distributed_data, per_sample_loss
 
 pytestmark = pytest.mark.usefixtures("small_cpu")
 WORLD = 2
@@ -23,17 +23,6 @@ def _model():
     return nn.Sequential(nn.Linear(DIM, DIM), stage, nn.LayerNorm(DIM)).double()
 
 
-def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, TOKENS, DIM, generator=g, dtype=torch.float64)
-    w = torch.randn(BATCH, TOKENS, DIM, generator=g, dtype=torch.float64)
-    return x, w
-
-
-def _loss(out, w):
-    return (out * w).sum() / out.shape[0]  # a mean over samples: DDP averages over ranks
-
-
 def _worker(rank, out_dir):
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to pick, so no race with other processes for one
@@ -41,11 +30,11 @@ def _worker(rank, out_dir):
                             rank=rank, world_size=WORLD)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
-        x, w = _data()
+        x, w = distributed_data(BATCH, TOKENS, DIM)
         part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         out = model(x[part])
         assert type(out.grad_fn).__name__ != "_StageOutputBackward"  # the head's norm
-        _loss(out, w[part]).backward()
+        per_sample_loss(out, w[part]).backward()
         grads = {n: p.grad for n, p in model.module.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -58,12 +47,12 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = _model()
-    x, w = _data()
+    x, w = distributed_data(BATCH, TOKENS, DIM)
     ref = {}
     for engine in ("autograd", "reversible"):
         revwire.set_engine(model, engine)
         model.zero_grad(set_to_none=True)
-        _loss(model(x), w).backward()
+        per_sample_loss(model(x), w).backward()
         ref[engine] = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     names = list(ref["autograd"])
@@ -75,5 +64,5 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         assert rel(ranks[0][n], ref["autograd"][n]) <= 1e-9, n
     # and a half batch alone would not do: the reduction really happened
     model.zero_grad(set_to_none=True)
-    _loss(model(x[: BATCH // WORLD]), w[: BATCH // WORLD]).backward()
+    per_sample_loss(model(x[: BATCH // WORLD]), w[: BATCH // WORLD]).backward()
     assert rel(model[1].blocks[0].qkv.weight.grad, ranks[0]["1.blocks.0.qkv.weight"]) > 1e-3

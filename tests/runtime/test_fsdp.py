@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import revwire
-from conftest import MLP, Attention, rel
+from conftest import MLP, Attention, rel, distributed_data, per_sample_loss
 
 pytestmark = pytest.mark.usefixtures("small_cpu")
 WORLD = 2
@@ -49,17 +49,6 @@ def _rewired():
     return revwire.rewire(Net().double(), x)
 
 
-def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, TOKENS, DIM, generator=g, dtype=torch.float64)
-    w = torch.randn(BATCH, TOKENS, DIM, generator=g, dtype=torch.float64)
-    return x, w
-
-
-def _loss(out, w):
-    return (out * w).sum() / out.shape[0]  # a mean over samples: FSDP averages over ranks
-
-
 def _two_steps(model, x, w, phase=lambda name: None):
     """Gradients of two steps with an SGD step between, and the bytes of activations the last
     forward saved; `phase(name)` is told where the step is."""
@@ -67,7 +56,7 @@ def _two_steps(model, x, w, phase=lambda name: None):
     grads, saved = [], None
     for _ in range(2):
         phase("forward")
-        loss, saved = _saved_activations(model, lambda: _loss(model(x), w))
+        loss, saved = _saved_activations(model, lambda: per_sample_loss(model(x), w))
         phase("backward")
         loss.backward()
         phase("done")
@@ -125,7 +114,7 @@ def _run_case(rank, shard, engine, log):
     from torch.distributed.fsdp import fully_shard
 
     model = revwire.set_engine(_rewired(), engine)
-    x, w = _data()
+    x, w = distributed_data(BATCH, TOKENS, DIM)
     part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     model(x[part])  # before sharding: what the stage caches about FSDP must not go stale
     for m in model.layers if shard == "layer" else [m for m in model.modules() if isinstance(m, nn.Linear)]:
@@ -159,7 +148,7 @@ def _without_root():
     for layer in model.layers:
         fully_shard(layer)
     try:
-        model(_data()[0])
+        model(distributed_data(BATCH, TOKENS, DIM)[0])
     except revwire.RewireError as e:
         return str(e)
 
@@ -192,10 +181,10 @@ def sharded_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """One process, no sharding, plain autograd, the whole batch; and one half batch."""
-    x, w = _data()
+    x, w = distributed_data(BATCH, TOKENS, DIM)
     grads, _ = _two_steps(revwire.set_engine(_rewired(), "autograd"), x, w)
     half = _rewired()
-    _loss(half(x[: BATCH // WORLD]), w[: BATCH // WORLD]).backward()
+    per_sample_loss(half(x[: BATCH // WORLD]), w[: BATCH // WORLD]).backward()
     return grads, {n: p.grad for n, p in half.named_parameters()}
 
 
@@ -242,9 +231,9 @@ def test_each_group_is_gathered_once_per_forward_and_reduced_once_per_backward(s
 @pytest.mark.parametrize("shard", ["layer", "linear"])
 def test_reversible_engine_keeps_no_block_activations_when_sharded(sharded_runs, shard):
     rev, ag = (sharded_runs[0][shard, engine]["saved"] for engine in ("reversible", "autograd"))
-    x, w = _data()
+    x, w = distributed_data(BATCH, TOKENS, DIM)
     single = revwire.set_engine(_rewired(), "reversible")
-    _, unsharded = _saved_activations(single, lambda: _loss(single(x[: BATCH // WORLD]), w[: BATCH // WORLD]))
+    _, unsharded = _saved_activations(single, lambda: per_sample_loss(single(x[: BATCH // WORLD]), w[: BATCH // WORLD]))
     assert rev == unsharded  # the pair of streams, the last block's and the outer graph's
     assert rev < ag / 3  # the autograd engine keeps every block's activations
 
