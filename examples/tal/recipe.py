@@ -44,7 +44,7 @@ import torch
 import train
 from configs import ClipSetConfig, Config, get_config
 from data import atomic_write_json
-from model import ClipClassifier
+from model import ClipClassifier, rewire_report
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "pretrain", "recover", "localise", "report")
@@ -132,7 +132,7 @@ def example_clip(cfg: Config, frames: int) -> torch.Tensor:
 
 
 def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The backbone's weights with SwinBackbone's keys (the same for the original and the rewired one)."""
+    """The backbone's weights with the adapter's keys (the same for the original and the rewired one)."""
     return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
 
 
@@ -208,12 +208,10 @@ def stage_recover(rc: RecipeConfig, out: Path, log: Progress) -> dict:
     history = fit(model, train_loader, val_loader, cfg, rc.recover_epochs, teacher=teacher,
                   distill_weight=rc.distill_weight, temperature=rc.distill_temperature, log=log, tag="recover ")
     train.save_checkpoint(out / "recover" / "backbone.pt", backbone_state(model))
-    import revwire
-
     return {"val_acc_original": original, "val_acc_rewired": rewired, "val_acc_recovered": history[-1]["val_acc"],
             "curve": [rewired] + [h["val_acc"] for h in history], "distill": rc.distill, "history": history,
             "step_s": statistics.median(h["step_s"] for h in history),
-            "report": str(revwire.report(model.backbone)), "weights": str(out / "recover" / "backbone.pt")}
+            "report": str(rewire_report(model.backbone)), "weights": str(out / "recover" / "backbone.pt")}
 
 
 def run_method(rc: RecipeConfig, out: Path, method: str, log: Progress) -> dict:
