@@ -246,9 +246,11 @@ def _steps_per_epoch(run_dir: Path) -> int:
     return max(1, ckpt["scheduler"]["last_epoch"] // max(1, ckpt["epoch"]))
 
 
-def saved_bytes(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, int]:
-    """Bytes autograd saves in one training forward + loss of the localiser (revwire's meter),
-    per method, at the recipe's window and batch size (parameters and buffers excluded)."""
+def memory(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """Per method, at the recipe's window and batch size (bench.one_engine, revwire's meters):
+    bytes autograd saves in one training forward + loss of the localiser (parameters and buffers
+    excluded), and the step peak of live tensor storage over a training step (forward, loss,
+    backward, AdamW) with its activation peak (the part above what is alive when the step starts)."""
     from bench import one_engine
 
     cfg = loc_config(rc)
@@ -256,20 +258,21 @@ def saved_bytes(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, int]:
     for m in methods:
         r = one_engine(cfg, METHODS[m][0], cfg.data.window, cfg.data.crop, cfg.train.batch_size, 1,
                        torch.device("cpu"), amp=False)
-        rows[m] = r["saved_bytes"]
+        rows[m] = {"forward_saved_bytes": r["saved_bytes"], "step_peak_bytes": r["peak_bytes"],
+                   "activation_peak_bytes": r["act_peak_bytes"]}
     return rows
 
 
 def stage_report(rc: RecipeConfig, out: Path, log: Progress, results_dir: Optional[Path]) -> dict:
     pre, rec, loc = done(out, "pretrain"), done(out, "recover"), done(out, "localise")
     runs = {m: loc["runs"][m] for m in rc.methods}   # done.json has sorted keys
-    mem = saved_bytes(rc, list(runs))
+    mem = memory(rc, list(runs))
     summary = {
         "pretrain_val_acc": pre["val_acc"], "clip_acc_original": rec["val_acc_original"],
         "clip_acc_rewired": rec["val_acc_rewired"], "clip_acc_recovered": rec["val_acc_recovered"],
         "distill": rec["distill"],
         "methods": {m: {"average_mAP": r["average_mAP"], "mAP": r["mAP"], "step_s": r["step_s"],
-                        "forward_saved_bytes": mem[m], "curve": r["curve"]} for m, r in runs.items()},
+                        **mem[m], "curve": r["curve"]} for m, r in runs.items()},
     }
     if "reversible" in runs and "frozen" in runs:
         summary["reversible_minus_frozen"] = runs["reversible"]["average_mAP"] - runs["frozen"]["average_mAP"]
@@ -281,10 +284,13 @@ def stage_report(rc: RecipeConfig, out: Path, log: Progress, results_dir: Option
              f"| clip accuracy, rewired, no fine-tune | {rec['val_acc_rewired']:.3f} |",
              f"| clip accuracy, rewired, fine-tuned {len(rec['history'])} epochs"
              f"{' (distilled)' if rec['distill'] else ''} | {rec['val_acc_recovered']:.3f} |",
-             "", "| localisation | average mAP 0.3:0.7 | step (s) | forward-saved bytes (MiB) |",
-             "| --- | ---: | ---: | ---: |"]
+             "", "| localisation | average mAP 0.3:0.7 | step (s) | forward-saved (MiB) | step peak (MiB) "
+             "| activation peak (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for m, r in runs.items():
-        lines.append(f"| {LABELS[m]} | {r['average_mAP']:.4f} | {r['step_s']:.3f} | {mem[m] / 2**20:.1f} |")
+        mib = [mem[m][k] / 2**20 for k in ("forward_saved_bytes", "step_peak_bytes", "activation_peak_bytes")]
+        lines.append(f"| {LABELS[m]} | {r['average_mAP']:.4f} | {r['step_s']:.3f} | "
+                     + " | ".join(f"{b:.1f}" for b in mib) + " |")
     table = "\n".join(lines) + "\n"
     (out / "report").mkdir(parents=True, exist_ok=True)
     from data import atomic_write_text
