@@ -203,7 +203,7 @@ class SlowFastBackbone(nn.Module):
                 and isinstance(stem.multipathway_fusion, FuseFastToSlow)):
             raise ValueError(f"{type(net).__name__} is not a two-pathway SlowFast (pytorchvideo:slowfast_r50, "
                              f"slowfast_r101, ...); other pytorchvideo models need an adapter of their own")
-        n = next(i for i, b in enumerate(blocks) if not isinstance(b, MultiPathWayWithFuse))
+        n = next((i for i, b in enumerate(blocks) if not isinstance(b, MultiPathWayWithFuse)), len(blocks))
         self.blocks = nn.ModuleList(blocks[:n])     # stem and stages; the rest pools and classifies
         self.alpha = int(stem.multipathway_fusion.conv_fast_to_slow.stride[0])
         self.pool = check_pool(cfg.spatial_pool)
