@@ -91,7 +91,7 @@ class ModelConfig:
     window_size: Tuple[int, int, int] = (8, 4, 4)
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
-    weights: str = ""                   # local state_dict of a SwinTransformer3d (head keys ignored)
+    weights: str = ""                   # local state_dict of the backbone (head keys ignored; model.py load_weights)
     spatial_pool: str = "mean+max"      # "mean", "max" or "mean+max" (both, concatenated)
     # ActionFormer-style neck and heads
     neck_dim: int = 64
@@ -276,12 +276,8 @@ def validate(cfg: Config) -> None:
             f"model.regression_ranges has {len(m.regression_ranges)} entries but model.pyramid_levels "
             f"is {m.pyramid_levels}: give one (low, high) range per level"
         )
-    steps = d.window // m.patch_size[0]
-    if d.window % m.patch_size[0] or steps % (2 ** (m.pyramid_levels - 1)):
-        raise ValueError(
-            f"data.window={d.window} must be a multiple of patch_size[0] * 2**(pyramid_levels-1) = "
-            f"{m.patch_size[0] * 2 ** (m.pyramid_levels - 1)}"
-        )
+    if not m.backbone:   # a spec backbone's temporal stride is known once built (model.build_model checks it)
+        check_window(d.window, m.patch_size[0], m.pyramid_levels, "patch_size[0]")
     if not 0 <= d.test_overlap < 1:
         raise ValueError(f"data.test_overlap={d.test_overlap} must be in [0, 1)")
     if d.crop > d.resize:
@@ -292,6 +288,15 @@ def validate(cfg: Config) -> None:
         raise ValueError("data.source='files' needs --annotations GT.json and --media-root DIR")
     if d.source == "synthetic" and cfg.data.synthetic.min_frames > cfg.data.synthetic.max_frames:
         raise ValueError("data.synthetic.min_frames is larger than data.synthetic.max_frames")
+
+
+def check_window(window: int, temporal_stride: int, levels: int, stride_name: str = "the backbone's temporal stride") -> None:
+    """Every pyramid level must tile the window: window = k * temporal_stride * 2**(levels - 1)."""
+    if window % (temporal_stride * 2 ** (levels - 1)):
+        raise ValueError(
+            f"data.window={window} must be a multiple of {stride_name} * 2**(pyramid_levels-1) = "
+            f"{temporal_stride} * {2 ** (levels - 1)} = {temporal_stride * 2 ** (levels - 1)}"
+        )
 
 
 def copy_config(cfg: Config) -> Config:

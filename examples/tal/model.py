@@ -1,10 +1,12 @@
-"""The localiser: a Swin3D backbone (run by one of four engines), a temporal pyramid, and
-ActionFormer-style anchor-free heads.
+"""The localiser: a video backbone (run by one of four engines), a temporal pyramid, and
+ActionFormer-style anchor-free heads. The backbone is the config's Swin3D, or one built from a
+revwire model spec and adapted to a sequence (torchvision Swin3D, pytorchvideo SlowFast,
+transformers VideoMAE: "backbones from revwire model specs" below).
 
 Engines for the backbone:
   reversible  rewired by ``revwire.rewire``; backward recomputes activations (memory O(1) per stage)
   autograd    the same rewired network with ordinary autograd (stores activations; the reference)
-  checkpoint  the original network, ``torch.utils.checkpoint`` (non-reentrant) around each Swin block
+  checkpoint  the original network, ``torch.utils.checkpoint`` (non-reentrant) around each residual block
   frozen      the original network without gradients: features only, the backbone does not learn
 
 A rewired network computes a different function from the original (docs/design.md §2), so a
@@ -13,6 +15,7 @@ trained with checkpoint/frozen with one of those; the state_dict keys are the sa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from configs import ENGINES, ModelConfig
+from configs import ENGINES, ModelConfig, check_window
 from losses import diou_loss_1d, sigmoid_focal_loss
 
 REWIRED_ENGINES = ("reversible", "autograd")
@@ -48,10 +51,8 @@ class SwinBackbone(nn.Module):
             )
         self.patch_embed, self.pos_drop, self.features, self.norm = (
             swin.patch_embed, swin.pos_drop, swin.features, swin.norm)
-        if cfg.spatial_pool not in ("mean", "max", "mean+max"):
-            raise ValueError(f"model.spatial_pool={cfg.spatial_pool!r}: choose 'mean', 'max' or 'mean+max'")
-        self.pool = cfg.spatial_pool
-        self.out_channels = swin.num_features * (2 if self.pool == "mean+max" else 1)
+        self.pool = check_pool(cfg.spatial_pool)
+        self.out_channels = swin.num_features * pooled_width(self.pool)
         self.temporal_stride = int(swin.patch_embed.tuple_patch_size[0])
         self.checkpoint_blocks = False
 
@@ -60,40 +61,71 @@ class SwinBackbone(nn.Module):
         for layer in self.features:
             if self.checkpoint_blocks and isinstance(layer, nn.Sequential):
                 for block in layer:
-                    x = checkpoint(block, x, use_reentrant=False)
+                    x = checkpoint_block(block, x)
             else:
                 x = layer(x)
         x = self.norm(x)                                   # B, T', H', W', C
-        if self.pool == "mean":
-            x = x.mean(dim=(2, 3))
-        elif self.pool == "max":
-            x = x.amax(dim=(2, 3))
-        else:   # max keeps a small object's evidence that the mean dilutes over the frame
-            x = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=-1)
-        return x.transpose(1, 2)                           # B, C, T'
+        return pool_space(x, self.pool, (2, 3)).transpose(1, 2)   # B, C, T'
 
     def load_weights(self, path: str) -> None:
         """Load a torchvision SwinTransformer3d state_dict (``.pt``/``.pth`` or ``.safetensors``)."""
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(("head.", "avgpool."))}
+        load_checked(self, state, path, "check model.embed_dim, depths, num_heads, window_size and patch_size against it")
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "avgpool."))}
-        hint = "check model.embed_dim, depths, num_heads, window_size and patch_size against it"
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as e:   # shape mismatches
-            first = str(e).split("size mismatch for ", 1)[-1].split("\n", 1)[0]
-            raise ValueError(f"weights file {path!r} does not fit this backbone ({first}); {hint}") from None
-        if missing or unexpected:
-            raise ValueError(
-                f"weights file {path!r} does not fit this backbone (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); {hint}"
-            )
+
+POOLS = ("mean", "max", "mean+max")
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise ValueError(f"model.spatial_pool={pool!r}: choose 'mean', 'max' or 'mean+max'")
+    return pool
+
+
+def pooled_width(pool: str) -> int:
+    """Channels per backbone channel after `pool_space`: "mean+max" concatenates two."""
+    return 2 if pool == "mean+max" else 1
+
+
+def pool_space(x: torch.Tensor, pool: str, dims: Tuple[int, ...], channel_dim: int = -1) -> torch.Tensor:
+    """Pool `x` over its spatial `dims`; "mean+max" concatenates both on `channel_dim`."""
+    if pool == "mean":
+        return x.mean(dim=dims)
+    if pool == "max":
+        return x.amax(dim=dims)
+    # max keeps a small object's evidence that the mean dilutes over the frame
+    return torch.cat([x.mean(dim=dims), x.amax(dim=dims)], dim=channel_dim)
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state_dict from ``.pt``/``.pth`` (bare or under "state_dict"/"model"/"model_state") or
+    ``.safetensors``, without the "module."/"backbone." prefixes of DDP and of TALModel."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            for key in ("state_dict", "model", "model_state"):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def load_checked(module: nn.Module, state: Dict[str, torch.Tensor], path: str, hint: str) -> None:
+    """load_state_dict that names the first misfit and says what to check (`hint`)."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # shape mismatches
+        first = str(e).split("size mismatch for ", 1)[-1].split("\n", 1)[0]
+        raise ValueError(f"weights file {path!r} does not fit this backbone ({first}); {hint}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path!r} does not fit this backbone (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); {hint}"
+        )
 
 
 # -- backbones from revwire model specs ----------------------------------------------------------
@@ -102,12 +134,14 @@ class SwinBackbone(nn.Module):
 # `temporal_stride` (T / T'), `checkpoint_blocks` (the checkpoint engine sets it: checkpoint each
 # residual block in forward) and `load_weights(path)`. An adapter turns the module that
 # `revwire.build_model(spec, kwargs)` returns into one; adapters are looked up by the module's
-# class name. To add a backbone (pytorchvideo's SlowFast, transformers' VideoMAEModel, ...):
+# class name. Registered: torchvision's SwinTransformer3d (`torchvision:swin3d_t`, ...),
+# pytorchvideo's SlowFast (`pytorchvideo:slowfast_r50`, class `Net`) and transformers'
+# VideoMAEModel (`transformers:VideoMAEModel`). To add one:
 #
-#     @register_backbone("VideoMAEModel")
-#     def _videomae(net, cfg): return VideoMAESequence(net, cfg)    # (B, 3, T, H, W) -> (B, C, T')
+#     @register_backbone("VivitModel")
+#     def _vivit(net, cfg): return VivitSequence(net, cfg)    # (B, 3, T, H, W) -> (B, C, T')
 #
-# and run with `--set model.backbone='transformers:VideoMAEModel'` once revwire knows that spec.
+# and run with `--set model.backbone='transformers:VivitModel'`.
 
 BACKBONE_ADAPTERS: Dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {}
 
@@ -123,6 +157,160 @@ def register_backbone(class_name: str):
 @register_backbone("SwinTransformer3d")
 def _swin3d(net: nn.Module, cfg: ModelConfig) -> nn.Module:
     return SwinBackbone(cfg, swin=net)
+
+
+@contextlib.contextmanager
+def _batchnorm_stats_kept(module: nn.Module):
+    """Around checkpoint's recompute: BatchNorm's running statistics (and batch count) are put
+    back afterwards, so a checkpointed block updates them once per step, as without checkpointing."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torch.utils.checkpoint (non-reentrant) around one residual block, BatchNorm-safe."""
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _batchnorm_stats_kept(block)))
+
+
+class SlowFastBackbone(nn.Module):
+    """pytorchvideo's SlowFast without its pooling and head: two pathways, pooled over space.
+
+    The clip is the fast pathway; every `alpha`-th frame of it is the slow one (`alpha` is the
+    temporal stride of the fast-to-slow fusion, which the pathways' lengths must match). Each
+    pathway is pooled over space, the fast one averaged over each `alpha` frames to the slow's
+    length, and the two concatenated on channels: (B, 3, T, H, W) -> (B, C_slow + C_fast, T / alpha)
+    (doubled for "mean+max"). Submodule names are pytorchvideo's (``blocks.N``), so its
+    state_dicts load (the head's ``blocks.5``/``blocks.6`` keys are ignored).
+    """
+
+    def __init__(self, net: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        from pytorchvideo.models.net import MultiPathWayWithFuse
+        from pytorchvideo.models.slowfast import FuseFastToSlow
+
+        blocks = list(getattr(net, "blocks", []))
+        stem = blocks[0] if blocks else None
+        if not (isinstance(stem, MultiPathWayWithFuse) and len(stem.multipathway_blocks) == 2
+                and isinstance(stem.multipathway_fusion, FuseFastToSlow)):
+            raise ValueError(f"{type(net).__name__} is not a two-pathway SlowFast (pytorchvideo:slowfast_r50, "
+                             f"slowfast_r101, ...); other pytorchvideo models need an adapter of their own")
+        n = next((i for i, b in enumerate(blocks) if not isinstance(b, MultiPathWayWithFuse)), len(blocks))
+        self.blocks = nn.ModuleList(blocks[:n])     # stem and stages; the rest pools and classifies
+        self.alpha = int(stem.multipathway_fusion.conv_fast_to_slow.stride[0])
+        self.pool = check_pool(cfg.spatial_pool)
+        widths = [[m for m in path.modules() if isinstance(m, nn.Conv3d)][-1].out_channels
+                  for path in self.blocks[-1].multipathway_blocks]
+        self.out_channels = sum(widths) * pooled_width(self.pool)
+        self.temporal_stride = self.alpha
+        self.checkpoint_blocks = False
+
+    def _pathway(self, path: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(path, "res_blocks"):             # a ResStage: checkpoint block by block
+            for block in path.res_blocks:
+                x = checkpoint_block(block, x)
+            return x
+        return path(x)
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        if clip.shape[2] % self.alpha:
+            raise ValueError(f"SlowFast needs a multiple of alpha={self.alpha} frames, got {clip.shape[2]}")
+        x = [clip[:, :, ::self.alpha], clip]        # frames 0, alpha, ...: where the fusion's stride samples
+        for block in self.blocks:
+            if self.checkpoint_blocks:
+                x = [self._pathway(path, xi) for path, xi in zip(block.multipathway_blocks, x)]
+                x = block.multipathway_fusion(x) if block.multipathway_fusion is not None else x
+            else:
+                x = block(list(x))                  # a fresh list: the block may write into it
+        slow, fast = (pool_space(xi, self.pool, (3, 4), channel_dim=1) for xi in x)   # B, C, T
+        fast = F.avg_pool1d(fast, self.alpha)
+        return torch.cat([slow, fast], dim=1)
+
+    def load_weights(self, path: str) -> None:
+        """Load a pytorchvideo SlowFast state_dict (its pretrained files keep it under "model_state")."""
+        state = {k: v for k, v in read_state_dict(path).items()
+                 if not (k.startswith("blocks.") and int(k.split(".")[1]) >= len(self.blocks))}
+        load_checked(self, state, path, "check model.backbone_kwargs (depth, stem_dim_outs, ...) against it")
+
+
+@register_backbone("Net")
+def _slowfast(net: nn.Module, cfg: ModelConfig) -> nn.Module:
+    return SlowFastBackbone(net, cfg)
+
+
+class VideoMAEBackbone(nn.Module):
+    """transformers' VideoMAEModel, its tokens pooled over space per tubelet.
+
+    (B, 3, T, H, W) -> tokens (B, T/tubelet * H/p * W/p, C) -> (B, C, T / tubelet) (C doubled for
+    "mean+max"). Its position table is fixed: T and H, W must be the config's num_frames and
+    image_size. The model is kept as ``videomae``, so the keys are those of
+    VideoMAEForVideoClassification and a VideoMAEModel's own state_dict loads too.
+    """
+
+    def __init__(self, net: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        c = net.config
+        self.videomae = net
+        self.frames, self.size = c.num_frames, c.image_size
+        self.pool = check_pool(cfg.spatial_pool)
+        self.out_channels = c.hidden_size * pooled_width(self.pool)
+        self.temporal_stride = c.tubelet_size
+
+    @property
+    def checkpoint_blocks(self) -> bool:
+        return self.videomae.is_activation_checkpointing
+
+    @checkpoint_blocks.setter
+    def checkpoint_blocks(self, on: bool) -> None:
+        # transformers' own mechanism: torch.utils.checkpoint (non-reentrant) around each encoder layer
+        if on:
+            self.videomae.activation_checkpointing_enable()
+        else:
+            self.videomae.activation_checkpointing_disable()
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        T, H, W = clip.shape[2:]
+        if (T, H, W) != (self.frames, self.size, self.size):
+            raise ValueError(
+                f"VideoMAE was built for {self.frames} frames at {self.size}² (its position table is fixed), "
+                f"got {T} at {H}x{W}: set model.backbone_kwargs num_frames={T} and image_size={H}"
+            )
+        tokens = self.videomae(pixel_values=clip.transpose(1, 2)).last_hidden_state   # B, N, C
+        tokens = tokens.unflatten(1, (T // self.temporal_stride, -1))     # B, T', H'W', C (any batch size)
+        return pool_space(tokens, self.pool, (2,)).transpose(1, 2)                    # B, C, T'
+
+    def rewire(self, example: torch.Tensor) -> "VideoMAEBackbone":
+        """Rewire the VideoMAEModel itself, on its own input layout and a batch of two; see
+        BackboneEngines.set_engine for why not the whole adapter on `example` (1, 3, T, H, W)."""
+        import revwire
+
+        pixels = example.transpose(1, 2)
+        self.videomae = revwire.rewire(self.videomae, (pixels.expand(2, *pixels.shape[1:]).clone(),))
+        return self
+
+    @property
+    def rewired_part(self) -> nn.Module:
+        return self.videomae
+
+    def load_weights(self, path: str) -> None:
+        """Load a VideoMAE state_dict: VideoMAEModel's, or a classifier's / pretraining model's encoder."""
+        state = read_state_dict(path)
+        state = {(k if k.startswith("videomae.") else f"videomae.{k}"): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k.split(".")[1] in ("embeddings", "encoder", "layernorm")}
+        load_checked(self, state, path, "check model.backbone_kwargs (hidden_size, num_hidden_layers, ...) against it")
+
+
+@register_backbone("VideoMAEModel")
+def _videomae(net: nn.Module, cfg: ModelConfig) -> nn.Module:
+    return VideoMAEBackbone(net, cfg)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -142,6 +330,13 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             f"{sorted(BACKBONE_ADAPTERS)}); register one in model.py with @register_backbone({kind!r})"
         )
     return BACKBONE_ADAPTERS[kind](net, cfg)
+
+
+def rewire_report(backbone: nn.Module):
+    """revwire's report of a rewired backbone (of its rewired part, for an adapter with `rewire`)."""
+    import revwire
+
+    return revwire.report(getattr(backbone, "rewired_part", backbone))
 
 
 class ChannelNorm(nn.Module):
@@ -226,7 +421,14 @@ class BackboneEngines(nn.Module):
                     raise ValueError(f"engine {engine!r} rewires the backbone and needs an example clip")
                 was_training = self.backbone.training
                 self.backbone.train()   # trace in train mode: stochastic modules stay live (docs/design.md §4)
-                self.backbone = revwire.rewire(self.backbone, (example,))
+                if hasattr(self.backbone, "rewire"):
+                    # An adapter may rewire only its library module, on that module's own input. VideoMAE
+                    # does: behind the adapter's transpose, revwire's shape guard pins the batch size to
+                    # the example's, and with a batch of one it takes the position-table add for a
+                    # residual block, which fails at any other batch size.
+                    self.backbone = self.backbone.rewire(example)
+                else:
+                    self.backbone = revwire.rewire(self.backbone, (example,))
                 self.backbone.train(was_training)
             revwire.set_engine(self.backbone, engine)
         else:
@@ -414,8 +616,9 @@ class ClipClassifier(BackboneEngines):
 
 def build_model(cfg: ModelConfig, num_classes: int, example: Optional[torch.Tensor] = None,
                 engine: Optional[str] = None) -> TALModel:
-    """A TALModel whose backbone runs with `engine` (default cfg.engine)."""
+    """A TALModel whose backbone runs with `engine` (default cfg.engine); `example` is a window."""
     model = TALModel(cfg, num_classes)
     if example is not None:
+        check_window(example.shape[2], model.temporal_stride, cfg.pyramid_levels)
         model.to(example.device)
     return model.set_engine(engine or cfg.engine, example)

@@ -44,7 +44,7 @@ import torch
 import train
 from configs import ClipSetConfig, Config, get_config
 from data import atomic_write_json
-from model import ClipClassifier
+from model import ClipClassifier, rewire_report
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "pretrain", "recover", "localise", "report")
@@ -79,8 +79,8 @@ class RecipeConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     clip_batch: int = 16
-    epochs: int = 10
-    eval_every: int = 2
+    epochs: int = 15                         # localisation; 10 left end to end short of converging (RESULTS.md)
+    eval_every: int = 3
     methods: List[str] = dataclasses.field(default_factory=lambda: ["reversible", "frozen", "checkpoint"])
     seed: int = 0
 
@@ -132,7 +132,7 @@ def example_clip(cfg: Config, frames: int) -> torch.Tensor:
 
 
 def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The backbone's weights with SwinBackbone's keys (the same for the original and the rewired one)."""
+    """The backbone's weights with the adapter's keys (the same for the original and the rewired one)."""
     return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
 
 
@@ -208,12 +208,10 @@ def stage_recover(rc: RecipeConfig, out: Path, log: Progress) -> dict:
     history = fit(model, train_loader, val_loader, cfg, rc.recover_epochs, teacher=teacher,
                   distill_weight=rc.distill_weight, temperature=rc.distill_temperature, log=log, tag="recover ")
     train.save_checkpoint(out / "recover" / "backbone.pt", backbone_state(model))
-    import revwire
-
     return {"val_acc_original": original, "val_acc_rewired": rewired, "val_acc_recovered": history[-1]["val_acc"],
             "curve": [rewired] + [h["val_acc"] for h in history], "distill": rc.distill, "history": history,
             "step_s": statistics.median(h["step_s"] for h in history),
-            "report": str(revwire.report(model.backbone)), "weights": str(out / "recover" / "backbone.pt")}
+            "report": str(rewire_report(model.backbone)), "weights": str(out / "recover" / "backbone.pt")}
 
 
 def run_method(rc: RecipeConfig, out: Path, method: str, log: Progress) -> dict:
@@ -248,9 +246,11 @@ def _steps_per_epoch(run_dir: Path) -> int:
     return max(1, ckpt["scheduler"]["last_epoch"] // max(1, ckpt["epoch"]))
 
 
-def saved_bytes(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, int]:
-    """Bytes autograd saves in one training forward + loss of the localiser (revwire's meter),
-    per method, at the recipe's window and batch size (parameters and buffers excluded)."""
+def memory(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """Per method, at the recipe's window and batch size (bench.one_engine, revwire's meters):
+    bytes autograd saves in one training forward + loss of the localiser (parameters and buffers
+    excluded), and the step peak of live tensor storage over a training step (forward, loss,
+    backward, AdamW) with its activation peak (the part above what is alive when the step starts)."""
     from bench import one_engine
 
     cfg = loc_config(rc)
@@ -258,20 +258,21 @@ def saved_bytes(rc: RecipeConfig, methods: Sequence[str]) -> Dict[str, int]:
     for m in methods:
         r = one_engine(cfg, METHODS[m][0], cfg.data.window, cfg.data.crop, cfg.train.batch_size, 1,
                        torch.device("cpu"), amp=False)
-        rows[m] = r["saved_bytes"]
+        rows[m] = {"forward_saved_bytes": r["saved_bytes"], "step_peak_bytes": r["peak_bytes"],
+                   "activation_peak_bytes": r["act_peak_bytes"]}
     return rows
 
 
 def stage_report(rc: RecipeConfig, out: Path, log: Progress, results_dir: Optional[Path]) -> dict:
     pre, rec, loc = done(out, "pretrain"), done(out, "recover"), done(out, "localise")
     runs = {m: loc["runs"][m] for m in rc.methods}   # done.json has sorted keys
-    mem = saved_bytes(rc, list(runs))
+    mem = memory(rc, list(runs))
     summary = {
         "pretrain_val_acc": pre["val_acc"], "clip_acc_original": rec["val_acc_original"],
         "clip_acc_rewired": rec["val_acc_rewired"], "clip_acc_recovered": rec["val_acc_recovered"],
         "distill": rec["distill"],
         "methods": {m: {"average_mAP": r["average_mAP"], "mAP": r["mAP"], "step_s": r["step_s"],
-                        "forward_saved_bytes": mem[m], "curve": r["curve"]} for m, r in runs.items()},
+                        **mem[m], "curve": r["curve"]} for m, r in runs.items()},
     }
     if "reversible" in runs and "frozen" in runs:
         summary["reversible_minus_frozen"] = runs["reversible"]["average_mAP"] - runs["frozen"]["average_mAP"]
@@ -283,10 +284,13 @@ def stage_report(rc: RecipeConfig, out: Path, log: Progress, results_dir: Option
              f"| clip accuracy, rewired, no fine-tune | {rec['val_acc_rewired']:.3f} |",
              f"| clip accuracy, rewired, fine-tuned {len(rec['history'])} epochs"
              f"{' (distilled)' if rec['distill'] else ''} | {rec['val_acc_recovered']:.3f} |",
-             "", "| localisation | average mAP 0.3:0.7 | step (s) | forward-saved bytes (MiB) |",
-             "| --- | ---: | ---: | ---: |"]
+             "", "| localisation | average mAP 0.3:0.7 | step (s) | forward-saved (MiB) | step peak (MiB) "
+             "| activation peak (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for m, r in runs.items():
-        lines.append(f"| {LABELS[m]} | {r['average_mAP']:.4f} | {r['step_s']:.3f} | {mem[m] / 2**20:.1f} |")
+        mib = [mem[m][k] / 2**20 for k in ("forward_saved_bytes", "step_peak_bytes", "activation_peak_bytes")]
+        lines.append(f"| {LABELS[m]} | {r['average_mAP']:.4f} | {r['step_s']:.3f} | "
+                     + " | ".join(f"{b:.1f}" for b in mib) + " |")
     table = "\n".join(lines) + "\n"
     (out / "report").mkdir(parents=True, exist_ok=True)
     from data import atomic_write_text
@@ -420,8 +424,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--task", default="motion_only", choices=("motion_only", "default"),
                    help="localisation classes told apart by motion only (main task), or the default colours/shapes")
     p.add_argument("--methods", nargs="+", default=["reversible", "frozen", "checkpoint"], choices=sorted(METHODS))
-    p.add_argument("--epochs", type=int, default=10, help="localisation epochs, every method")
-    p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=15, help="localisation epochs, every method")
+    p.add_argument("--eval-every", type=int, default=3)
     p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--recover-epochs", type=int, default=15)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)

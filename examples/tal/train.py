@@ -35,7 +35,7 @@ from configs import ENGINES, PRESETS, Config, apply_override, copy_config, get_c
 from data import atomic_write_json, class_names, default_file_mode, load_annotations
 from datasets import RandomWindows, SlidingWindows, build_index, collate
 from metrics import evaluate
-from model import REWIRED_ENGINES, TALModel, build_model
+from model import REWIRED_ENGINES, TALModel, build_model, rewire_report
 from postprocess import VideoCollector
 
 HERE = Path(__file__).resolve().parent
@@ -319,7 +319,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--annotations", help="ActivityNet-style JSON (data.py); switches data.source to files")
     p.add_argument("--media-root", help="folder of <video_id>/ JPEG folders or <video_id>.mp4 files")
-    p.add_argument("--weights", help="local SwinTransformer3d state_dict for the backbone")
+    p.add_argument("--weights", help="local state_dict of the backbone (a SwinTransformer3d's, or the spec's model)")
     p.add_argument("--out", help="output folder (default examples/tal/runs/<config>_<engine>)")
     p.add_argument("--resume", help="checkpoint to resume from ('auto': OUT/last.pt if it exists)")
     p.add_argument("--eval-only", action="store_true", help="predict and score the test subset, no training")
@@ -388,11 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"checkpoint {resume} was trained on classes {ckpt['classes']}, the data has {classes}")
     example = torch.zeros(1, 3, cfg.data.window, cfg.data.crop, cfg.data.crop, device=device)
     raw = build_model(cfg.model, len(classes), example)
-    if cfg.model.engine in ("reversible", "autograd") and is_main(rank):
-        import revwire
-
-        if hasattr(revwire, "report"):
-            log(revwire.report(raw.backbone))
+    if cfg.model.engine in REWIRED_ENGINES and is_main(rank):
+        log(rewire_report(raw.backbone))
     model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else raw
     train_loader, test_loader, train_sampler = make_loaders(cfg, train_items, test_items, world, rank, cfg.train.seed)

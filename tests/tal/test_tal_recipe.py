@@ -105,6 +105,10 @@ def test_every_stage_learns_and_writes_valid_outputs(finished):
     assert set(rep["methods"]) == set(runs)
     assert all(rep["methods"][m]["forward_saved_bytes"] > 0 for m in runs)
     assert rep["methods"]["frozen"]["forward_saved_bytes"] < rep["methods"]["reversible"]["forward_saved_bytes"]
+    for m in runs:   # the step peak holds the activation peak, which holds what the forward saved
+        r = rep["methods"][m]
+        assert r["step_peak_bytes"] > r["activation_peak_bytes"] >= r["forward_saved_bytes"] > 0
+    assert rep["methods"]["frozen"]["step_peak_bytes"] < rep["methods"]["reversible"]["step_peak_bytes"]
     assert "reversible_minus_frozen" in rep and "| frozen pretrained features |" in (out / "report" / "table.md").read_text()
     for p in rep["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
