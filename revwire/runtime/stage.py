@@ -101,6 +101,7 @@ class ReversibleStage(nn.Module):
         self.last_reconstruction_error: List[float] = []
         self._leaves_checked: set = set()  # blocks whose recompute graph was checked once
         self._slots: Dict[int, list] = {}  # per block: (module, name) of every parameter slot
+        self._block_modules: Dict[int, list] = {}  # per block: its modules
 
     @property
     def engine(self) -> str:
@@ -120,11 +121,17 @@ class ReversibleStage(nn.Module):
         the parameters themselves are read from the slots each time)."""
         slots = self._slots.get(i)
         if slots is None:
-            block = self.blocks[i]
-            slots = [(m, name) for m in (block.modules() if isinstance(block, nn.Module) else ())
+            slots = [(m, name) for m in self._modules_of(i)
                      for name, p in m._parameters.items() if p is not None]
             self._slots[i] = slots
         return slots
+
+    def _modules_of(self, i: int) -> list:
+        """Block i's modules, walked once (the module tree of a built stage does not change)."""
+        modules = self._block_modules.get(i)
+        if modules is None:
+            modules = self._block_modules[i] = modules_of(self.blocks[i])
+        return modules
 
     def block_params(self, i: int) -> List[nn.Parameter]:
         """Block i's parameters that require grad, each once, in a fixed order."""
@@ -138,7 +145,7 @@ class ReversibleStage(nn.Module):
 
     def block_norms(self, i: int) -> list:
         """Block i's norms that track running statistics (frozen in its recompute)."""
-        return stat_tracking_norms(modules_of(self.blocks[i]))
+        return stat_tracking_norms(self._modules_of(i))
 
     def check_leaves(self, i: int, y: torch.Tensor, leaves: list) -> None:
         """Once per block: its recompute reads no trainable tensor but its own leaves."""
