@@ -30,6 +30,13 @@ _ACTIVATION_FUNCTIONS = {
 }
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 _NOT_ELEMENTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU)
+# Positions of the arguments an op reads only for their dtype, device or shape, never their
+# values: `pos.type_as(x)` does not make `x + pos.type_as(x)` a residual of x.
+_METADATA_ARGS_OF_METHODS = {"type_as": (1,), "expand_as": (1,), "view_as": (1,), "reshape_as": (1,),
+                             "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,), "new_full": (0,),
+                             "new_tensor": (0,)}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                   torch.rand_like, torch.randn_like, torch.randint_like}
 
 
 @dataclass
@@ -99,8 +106,32 @@ def same_description(a: fx.Node, b: fx.Node, reader: fx.Node) -> bool:
     return info(a).shape == info(b).shape
 
 
+def _metadata_positions(node: fx.Node) -> Tuple[int, ...]:
+    if node.op == "call_method":
+        if node.target == "to":  # x.to(other): other's dtype and device
+            return tuple(k for k, a in enumerate(node.args) if k > 0 and _is_tensor(a))
+        return _METADATA_ARGS_OF_METHODS.get(node.target, ())
+    if node.op == "call_function" and node.target in _LIKE_FUNCTIONS:
+        return (0,)
+    return ()
+
+
+def metadata_reads(node: fx.Node) -> List[fx.Node]:
+    """Tensor inputs `node` reads only for their metadata (`x` in `pos.type_as(x)`)."""
+    positions = _metadata_positions(node)
+    if not positions:
+        return []
+    read_for_values: Set[fx.Node] = set()
+    others = [a for k, a in enumerate(node.args) if k not in positions] + list(node.kwargs.values())
+    fx.node.map_arg(others, read_for_values.add)
+    return [node.args[k] for k in positions
+            if k < len(node.args) and isinstance(node.args[k], fx.Node) and node.args[k] not in read_for_values]
+
+
 def data_inputs(node: fx.Node) -> List[fx.Node]:
-    return [i for i in node.all_input_nodes if not info(i).is_metadata]
+    """The inputs whose values `node` reads (not shape reads, not `x` in `pos.type_as(x)`)."""
+    shape_only = metadata_reads(node)
+    return [i for i in node.all_input_nodes if not info(i).is_metadata and i not in shape_only]
 
 
 def data_users(node: fx.Node) -> List[fx.Node]:
@@ -209,7 +240,7 @@ def _branch_of(gm: fx.GraphModule, skip: fx.Node, out: fx.Node, add: fx.Node,
     # shape only) are copied into the block or handed to the stage.
     branch: Set[fx.Node] = set()
     for n in _in_graph_order(ancestors):
-        if any(i is skip or i in branch for i in n.all_input_nodes if not info(i).is_metadata) or any(
+        if any(i is skip or i in branch for i in data_inputs(n)) or any(i in branch for i in metadata_reads(n)) or any(
                 s in branch for i in n.all_input_nodes if info(i).is_metadata for s in metadata_sources(i)):
             branch.add(n)
     shape_reads = []

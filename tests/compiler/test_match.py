@@ -273,3 +273,56 @@ def test_branch_mutating_the_skip_is_not_residual():
     _, r = analyse(Mutates(), torch.randn(2, D))
     assert lengths(r) == []
     assert "modifies the skip input in place" in reasons(r)
+
+
+class PositionTable(nn.Module):
+    """`x + pos.type_as(x)` (HF VideoMAE's embeddings), then residual blocks: the add reads x's
+    dtype only, so it is no residual even where the example's batch of 1 gives it x's shape."""
+
+    def __init__(self, n=2, how="type_as"):
+        super().__init__()
+        self.register_buffer("pos", torch.randn(1, 3, D))
+        self.blocks = nn.ModuleList(Branch() for _ in range(n))
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "type_as":
+            x = x + self.pos.type_as(x)
+        elif self.how == "to":
+            x = x + self.pos.to(x)
+        else:
+            x = x + torch.zeros_like(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+@pytest.mark.parametrize("how", ["type_as", "to", "zeros_like"])
+def test_a_value_read_only_for_its_dtype_or_shape_is_no_branch_input(how):
+    model = PositionTable(how=how)
+    gm, result = analyse(model, torch.randn(1, 3, D))
+    assert lengths(result) == [2]  # the blocks; before, [3]: the table add joined the chain
+    assert [r.add.name for r in result.chains[0].residuals] == ["add_1", "add_2"]
+    rev = revwire.rewire(model, torch.randn(1, 3, D))
+    x = torch.randn(2, 3, D)  # another batch size: a table "block" would break here
+    assert revwire.report(rev).chains[0].num_blocks == 2
+    assert rev(x).shape == (2, 3, D)
+
+
+def test_a_metadata_read_of_the_branchs_own_value_keeps_it_in_the_branch():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Branch() for _ in range(2))
+
+        def forward(self, x):
+            for b in self.blocks:
+                h = b(x)
+                x = x + h * torch.ones_like(h)  # ones_like reads h's shape: recomputed in the block
+            return x
+
+    model = Masked().double()
+    x = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
+    rev = revwire.rewire(model, x)
+    assert revwire.report(rev).chains[0].num_blocks == 2
+    assert revwire.verify(rev, x, tolerance=1e-10)["ok"]  # the block recomputes ones_like(h)
