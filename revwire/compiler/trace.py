@@ -142,6 +142,9 @@ class ValueProxy(fx.Proxy):
     # a non-tensor: the input dimensions (input index, dim) it is computed from, None for
     # "any" (a shape of a computed tensor); a shape of an input: one such set per dimension
     dims: Any = None
+    # a tensor: per dimension, the input dimensions its size is (an input, or an input moved
+    # by transpose / permute / a dtype cast); None where unknown
+    tdims: Any = None
 
     def _concrete(self, what: str):
         return self.tracer.concretize(self, what)
@@ -230,10 +233,42 @@ def _is_data(kind: str, target, args, kwargs, value) -> bool:
 
 
 def _shape_dims(t: "ValueProxy"):
-    """Per-dimension provenance of `t.shape` (None unless `t` is an example input)."""
-    if t.src is None or not isinstance(t.value, torch.Tensor):
+    """Per-dimension provenance of `t.shape` (None unless known: see `ValueProxy.tdims`)."""
+    return t.tdims if isinstance(t.value, torch.Tensor) else None
+
+
+_SAME_SHAPE_METHODS = {"contiguous", "to", "float", "half", "double", "bfloat16", "type_as", "clone",
+                       "detach", "cpu", "cuda"}
+_SWAP_FUNCTIONS = {torch.transpose: "transpose", torch.swapaxes: "transpose", torch.swapdims: "transpose",
+                   torch.permute: "permute"}
+
+
+def _tensor_dims(kind: str, target, args, kwargs, value):
+    """`tdims` of a tensor computed from one input tensor by a layout or dtype op whose
+    result's sizes are the input's, moved; None for anything else."""
+    src = args[0] if args else None
+    if not (isinstance(src, ValueProxy) and isinstance(src.tdims, tuple) and isinstance(value, torch.Tensor)):
         return None
-    return tuple(frozenset({(t.src, i)}) for i in range(t.value.dim()))
+    name = target if kind == "call_method" else _SWAP_FUNCTIONS.get(target) if kind == "call_function" else None
+    name = "transpose" if name in ("swapaxes", "swapdims") else name
+    n, rest = len(src.tdims), _values(list(args[1:]))
+    try:
+        if name == "transpose" and len(rest) == 2 and not kwargs:
+            a, b = (int(d) % n for d in rest)
+            order = list(range(n))
+            order[a], order[b] = b, a
+        elif name == "permute" and not kwargs:
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            order = [int(d) % n for d in dims]
+        elif name in _SAME_SHAPE_METHODS:
+            order = list(range(n))
+        else:
+            return None
+    except (TypeError, ValueError):
+        return None
+    if tuple(value.shape) != tuple(src.value.shape[k] for k in order):
+        return None
+    return tuple(src.tdims[k] for k in order)
 
 
 def _dims_of(kind: str, target, args, kwargs):
@@ -365,6 +400,8 @@ class RewireTracer(fx.Tracer):
             proxy = self.create_proxy("placeholder", path, (), {})
             if isinstance(proxy, ValueProxy):
                 proxy.value, proxy.data, proxy.src = leaf, True, i
+                if isinstance(leaf, torch.Tensor):
+                    proxy.tdims = tuple(frozenset({(i, d)}) for d in range(leaf.dim()))
             placeholders.append(proxy)
         self.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(list(names), in_spec, None))
         tracer = self
@@ -391,6 +428,8 @@ class RewireTracer(fx.Tracer):
             proxy.data = _is_data(kind, target, args, kwargs, proxy.value)
             if not isinstance(proxy.value, torch.Tensor):
                 proxy.dims = _dims_of(kind, target, args, kwargs)
+            else:
+                proxy.tdims = _tensor_dims(kind, target, args, kwargs, proxy.value)
             if type(proxy.value) in (list, tuple) and kind != "get_attr":
                 # a list or tuple of values (two pathways, `torch.split`) is one: the code
                 # may take its length, iterate it, or assign into it

@@ -140,6 +140,31 @@ def test_concrete_capture_resolves_shape_control_flow_and_guards_what_it_read():
         rev(torch.randn(2, 6, 4, dtype=torch.float64))  # N was: guarded
 
 
+class MovedFirst(nn.Module):
+    """The input moved (transpose, permute, a cast) before Python decides on its shape."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.inner, self.how = ShapeDependent(), how
+
+    def forward(self, x):
+        moved = x.transpose(0, 1) if self.how == "transpose" else x.permute(1, 0, 2).float()
+        return self.inner(moved)
+
+
+@pytest.mark.parametrize("how", ["transpose", "permute"])
+def test_decisions_on_a_moved_input_guard_the_dimension_it_came_from(how):
+    # N is read after the move, as dimension 1 of the moved tensor: dimension 0 of the input.
+    # Before, a moved input's dimensions were unknown and every one was guarded.
+    torch.manual_seed(0)
+    model = MovedFirst(how).double()
+    rev = revwire.rewire(model, torch.randn(5, 2, 4, dtype=torch.float64))
+    assert rev.meta["revwire_capture"] == "concrete"
+    assert rev(torch.randn(5, 7, 4, dtype=torch.float64)).shape == (7, 20)  # batch: free
+    with pytest.raises(ValueError, match=r"captured for inputs of shape \[5, '\*', '\*'\]"):
+        rev(torch.randn(6, 2, 4, dtype=torch.float64))
+
+
 def test_data_dependent_control_flow_is_refused_with_both_causes():
     class Gate(nn.Module):
         def forward(self, x):
