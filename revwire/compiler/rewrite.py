@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Set
 
-from torch import fx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
 
 from ..errors import RewireError
 from ..options import RewireOptions
@@ -127,10 +129,49 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
     out = env[output]
     if act is not None:  # post-activation moved into the branch: act(F(x))
         env[add] = out
-        out = graph.node_copy(act, lambda a: env[a])
+        if _is_relu(root, act):  # NOTE [ A moved ReLU ]
+            out = graph.call_function(branch_relu, (out,))
+        else:
+            out = graph.node_copy(act, lambda a: env[a])
     graph.output(out)
     read_attributes_live(graph)
     return fx.GraphModule(root, graph, "RevwireBlock")
+
+
+# NOTE [ A moved ReLU ]
+# `relu(x + F(x))` becomes `x_i = x_{i-2} + relu(F(x_{i-1}))`. A block whose last norm starts
+# at zero (torchvision's `zero_init_residual`, pytorchvideo's default init: each block begins
+# as the identity) then has F = 0 and computes relu(0), whose derivative torch takes as 0:
+# the norm's weight gets no gradient and never leaves zero. In the original, relu(x + 0)
+# passes gradient wherever x > 0. So a moved ReLU is `branch_relu`: the same values, and
+# derivative 1 at exactly 0 (a subgradient too), so the zero-initialised block learns and
+# still starts as the identity.
+
+
+class _BranchReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return y.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (y >= 0).to(g.dtype)
+
+
+@fx.wrap
+def branch_relu(y):
+    """ReLU with derivative 1 at 0: a post-activation moved into a branch (NOTE [ A moved ReLU ])."""
+    return _BranchReLU.apply(y)
+
+
+def _is_relu(root: fx.GraphModule, act: fx.Node) -> bool:
+    if act.op == "call_module":
+        return type(root.get_submodule(act.target)) is nn.ReLU
+    if act.op == "call_function":
+        return act.target in (torch.relu, F.relu, torch.relu_, F.relu_)
+    return act.op == "call_method" and act.target in ("relu", "relu_")
 
 
 def read_attributes_live(graph: fx.Graph) -> None:

@@ -59,6 +59,32 @@ def test_post_activation_moves_into_the_branch():
     torch.testing.assert_close(rev(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_moved_relu_passes_gradient_at_zero_so_zero_initialised_blocks_learn():
+    # NOTE [ A moved ReLU ]: resnet18(zero_init_residual=True) starts each block's last
+    # BatchNorm at 0, so a rewired block computes relu(0); torch's relu'(0) = 0 would leave
+    # the norm at zero for good.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, zero_init_residual=True, num_classes=4).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    rev = revwire.rewire(model, x)
+    chained = [scope for c in revwire.report(rev).chains for scope in c.block_scopes]
+    assert chained == ["layer1.0", "layer1.1"]
+    rev(x).sum().backward()
+    for name in chained:
+        bn2 = model.get_submodule(name).bn2
+        assert not bn2.weight.any() and bn2.weight.grad.abs().sum() > 0, name
+    assert revwire.verify(rev, x, tolerance=1e-10)["ok"]
+    # the same values as relu; derivative 1 at 0
+    y = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    from revwire.compiler.rewrite import branch_relu
+
+    out = branch_relu(y)
+    out.sum().backward()
+    assert out.tolist() == [0.0, 0.0, 2.0] and y.grad.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_first_block_is_exact_and_the_rest_differ():
     torch.manual_seed(0)
     model = Net(1).double()
