@@ -129,8 +129,9 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
     out = env[output]
     if act is not None:  # post-activation moved into the branch: act(F(x))
         env[add] = out
-        if _is_relu(root, act):  # NOTE [ A moved ReLU ]
-            out = graph.call_function(branch_relu, (out,))
+        relu = _relu_kind(root, act)
+        if relu is not None:  # NOTE [ A moved ReLU ]
+            out = graph.call_function(branch_relu, (out, relu == "inplace"))
         else:
             out = graph.node_copy(act, lambda a: env[a])
     graph.output(out)
@@ -149,29 +150,42 @@ def build_subgraph(root: fx.GraphModule, segments: Dict[fx.Node, int], stream_in
 
 
 class _BranchReLU(torch.autograd.Function):
+    """relu(y) that keeps only the mask y >= 0 (one byte per element) for backward; in
+    place where the original ReLU was, as the memory of the original block was."""
+
     @staticmethod
-    def forward(ctx, y):
-        ctx.save_for_backward(y)
+    def forward(ctx, y, inplace: bool):
+        mask = y >= 0
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(y)
+            return y.clamp_min_(0)
         return y.clamp_min(0)
 
     @staticmethod
     def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (y >= 0).to(g.dtype)
+        (mask,) = ctx.saved_tensors
+        return g * mask, None
 
 
 @fx.wrap
-def branch_relu(y):
+def branch_relu(y, inplace: bool = False):
     """ReLU with derivative 1 at 0: a post-activation moved into a branch (NOTE [ A moved ReLU ])."""
-    return _BranchReLU.apply(y)
+    return _BranchReLU.apply(y, inplace)
 
 
-def _is_relu(root: fx.GraphModule, act: fx.Node) -> bool:
+def _relu_kind(root: fx.GraphModule, act: fx.Node) -> Optional[str]:
+    """"inplace" or "relu" for a ReLU activation node, None for any other."""
     if act.op == "call_module":
-        return type(root.get_submodule(act.target)) is nn.ReLU
-    if act.op == "call_function":
-        return act.target in (torch.relu, F.relu, torch.relu_, F.relu_)
-    return act.op == "call_method" and act.target in ("relu", "relu_")
+        m = root.get_submodule(act.target)
+        return None if type(m) is not nn.ReLU else "inplace" if m.inplace else "relu"
+    if act.op == "call_function" and act.target in (torch.relu_, F.relu_):
+        return "inplace"
+    if act.op == "call_function" and act.target in (torch.relu, F.relu):
+        return "inplace" if act.kwargs.get("inplace") or act.args[1:2] == (True,) else "relu"
+    if act.op == "call_method" and act.target in ("relu", "relu_"):
+        return "inplace" if act.target == "relu_" else "relu"
+    return None
 
 
 def read_attributes_live(graph: fx.Graph) -> None:
