@@ -153,16 +153,34 @@ def _without_root():
         return str(e)
 
 
+def _mixed_precision(rank, engine):
+    """Full gradients of one step, layers and root sharded with bf16 parameters (FSDP casts
+    the root's input; the layers' own input casts never run: the graph never calls them)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = revwire.set_engine(_rewired().float(), engine)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    x, w = (t.float() for t in distributed_data(BATCH, TOKENS, DIM))
+    part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    per_sample_loss(model(x[part]).float(), w[part]).backward()
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+
 def _worker(rank, out_dir):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP on a Linear of 3-D input
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
                             rank=rank, world_size=WORLD)
     try:
+        mixed = {e: _mixed_precision(rank, e) for e in ("autograd", "reversible")}  # before the watch
         log = {"phase": "done"}
         _watch_collectives(log)
         results = {case: _run_case(rank, *case, log) for case in CASES}
         results["no root"] = _without_root()
+        results["mixed precision"] = mixed
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -242,3 +260,12 @@ def test_layers_sharded_without_the_root_is_a_clear_error(sharded_runs):
     msg = sharded_runs[0]["no root"]
     assert msg is not None and "block 0 ('layers.0 [attn]')" in msg and "'layers.0.attn.norm.weight'" in msg
     assert "Apply fully_shard to the model's root as well" in msg
+
+
+def test_mixed_precision_per_layer_gives_both_engines_the_same_gradients(sharded_runs):
+    mixed = sharded_runs[0]["mixed precision"]
+    ref, rev = mixed["autograd"], mixed["reversible"]
+    assert ref.keys() == rev.keys() and all(g.dtype == torch.float32 for g in rev.values())
+    for n, g in ref.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, n
+        assert rel(rev[n], g) <= 1e-3, n  # bf16 parameters: float64 streams invert exactly
