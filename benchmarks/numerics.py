@@ -20,41 +20,15 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import revwire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, ratio=4):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, ratio * dim)
-        self.fc2 = nn.Linear(ratio * dim, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 def build(layers, dim, heads, seed):
@@ -64,10 +38,12 @@ def build(layers, dim, heads, seed):
     network's, rather than the ~0.02-std init that makes branches vanish), biases
     N(0, 0.02^2), LayerNorm affine 1 + N(0, 0.1^2) and N(0, 0.1^2).
     """
+    from benchmarks.suites import Attention, Mlp  # the repository's root is on sys.path (main)
+
     g = torch.Generator().manual_seed(seed)
     blocks = []
     for _ in range(layers):
-        blocks += [Attention(dim, heads), Mlp(dim)]
+        blocks += [Attention(dim, heads, sdpa=True), Mlp(dim)]
     with torch.no_grad():
         for blk in blocks:
             for m in blk.modules():
@@ -227,4 +203,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
     main()

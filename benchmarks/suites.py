@@ -72,12 +72,13 @@ def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
-class _Attention(nn.Module):
-    """Pre-norm multi-head self-attention branch, attention matrix made explicitly."""
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention branch; the attention matrix made explicitly
+    (what the memory suites measure) or, with `sdpa`, through F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, sdpa: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -85,11 +86,14 @@ class _Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        if self.sdpa:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
-class _Mlp(nn.Module):
+class Mlp(nn.Module):
     def __init__(self, dim: int, ratio: int = 4):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -119,7 +123,7 @@ class PreNormTransformer(nn.Module):
         super().__init__()
         blocks = []
         for _ in range(layers):
-            blocks += [_Residual(_Attention(dim, heads)), _Residual(_Mlp(dim))]
+            blocks += [_Residual(Attention(dim, heads)), _Residual(Mlp(dim))]
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
