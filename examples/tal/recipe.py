@@ -315,31 +315,27 @@ def plot(rec: dict, runs: dict, folder: Path) -> List[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def finish(fig, ax, xlabel, ylabel, legend_size, name):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower right", fontsize=legend_size)
+        fig.tight_layout()
+        atomic_savefig(fig, folder / name)
+        plt.close(fig)
+        return folder / name
+
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     xs = list(range(len(rec["curve"])))
     ax.plot(xs, rec["curve"], "o-", label="rewired, fine-tuned" + (" + distill" if rec["distill"] else ""))
     ax.axhline(rec["val_acc_original"], color="grey", ls="--", label="original")
-    ax.set_xlabel("fine-tuning epochs after rewiring")
-    ax.set_ylabel("clip accuracy (held out)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    p1 = folder / "recovery.png"
-    atomic_savefig(fig, p1)
-    plt.close(fig)
+    p1 = finish(fig, ax, "fine-tuning epochs after rewiring", "clip accuracy (held out)", 8, "recovery.png")
 
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     for m, r in runs.items():
         e, a = zip(*r["curve"])
         ax.plot(e, a, "o-", label=LABELS[m])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("average mAP, tIoU 0.3:0.7")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    p2 = folder / "map_vs_epoch.png"
-    atomic_savefig(fig, p2)
-    plt.close(fig)
+    p2 = finish(fig, ax, "epoch", "average mAP, tIoU 0.3:0.7", 7, "map_vs_epoch.png")
     return [p1, p2]
 
 
